@@ -1,0 +1,27 @@
+"""Shared pytest fixtures.
+
+tests/ has no __init__.py and pytest runs with --import-mode=importlib, so verl's wheel-installed
+top-level ``tests`` package can never shadow these files (see pyproject.toml).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The project's offline benchmark data (MATH-500, AIME, AMC, Spider), ../shared/data."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"shared benchmark data not found at {SHARED_DATA} (expected beside the checkout)")
+    return SHARED_DATA
