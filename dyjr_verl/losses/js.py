@@ -1,0 +1,201 @@
+"""The sampled-token Jensen-Shannon generator (DPH-RL's ``js_low_var``, reused by DyJR).
+
+For a token ``y`` drawn from a reference policy Q (here: the policy that generated a buffer
+trajectory, whose log-prob ``l`` was stored) and the current policy P = pi_theta::
+
+    u      = P(y) / Q(y) = exp(log pi_theta(y) - l)
+    f_JS(u) = u log u - (u + 1) log((u + 1) / 2)
+            = u (log 2 - softplus(-log u)) - (softplus(log u) - log 2)      # form used here
+
+``E_{y~Q}[f_JS(P(y)/Q(y))] = KL(P||M) + KL(Q||M) = 2 JSD(P, Q)`` with M = (P + Q) / 2, so the
+token mean of f_JS over stored tokens estimates twice the JS divergence from sampled tokens only
+(no vocabulary, no reference model). f_JS is convex, f(1) = f'(1) = 0 (so f >= 0), f(0) = log 2.
+
+Gradient: d f_JS / d log u = w(u) = u log(2u / (u + 1)) = u (log 2 - softplus(-log u)), so
+``grad f = w(u) grad log pi_theta(y)``: w < 0 for u < 1 (raise the token's probability; bounded,
+|w| <= 0.2325 with its extreme near u = 0.30, and w -> 0 as u -> 0: a saturating pull that fades
+for abandoned tokens), w = 0 at u = 1, w > 0 for u > 1 (lower it; grows like u log 2).
+
+Why the softplus form: it is written in log u, so it never forms u log u - (u+1) log(...) as a
+difference of two large numbers, stays finite for log u -> -inf (f -> log 2) and is exact in fp32
+for |log u| up to the clamp; inputs in bf16/fp16 are upcast to fp32 first.
+
+Registry loss ``dyjr_js`` (``actor.policy_loss.loss_mode=dyjr_js``): verl's vanilla clipped PG
+plus ``lambda * f_JS(exp(log_prob - old_log_prob))`` on *all* response tokens. It only sees the
+tensors verl passes to registry losses, so it is meaningful in bypass mode
+(``algorithm.rollout_correction.bypass_mode=true`` makes ``old_log_prob`` the rollout log-probs),
+or from the second mini-batch / epoch on; with recomputed old log-probs it is zero on the first
+mini-batch. lambda comes from the environment variable ``DYJR_JS_COEF`` (default 0.1): registry
+losses receive only verl's ``ActorConfig``, which rejects extra keys, so an env var (set through
+``ray_kwargs.ray_init.runtime_env.env_vars``) is the only channel that needs no verl change.
+Per-row replay masks and stored log-probs need the engine loss in
+:mod:`dyjr_verl.losses.replay_loss` instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "LOG2",
+    "DEFAULT_LOG_U_CLAMP",
+    "JS_COEF_ENV",
+    "DEFAULT_JS_COEF",
+    "DYJR_JS_LOSS_NAME",
+    "f_js",
+    "f_js_from_log",
+    "js_grad_weight",
+    "js_grad_weight_from_log",
+    "js_term",
+    "js_coef_from_env",
+    "compute_policy_loss_dyjr_js",
+    "register_policy_losses",
+]
+
+LOG2 = math.log(2.0)
+#: |log u| bound used by the losses: matches verl's ratio clamp; f_JS(e^20) ~ 3.4e8 stays finite
+#: in fp32 and bf16, and the gradient is zero beyond it.
+DEFAULT_LOG_U_CLAMP = 20.0
+#: log u below this is treated as u = 0 (exp underflows anyway); avoids 0 * inf = NaN.
+_LOG_U_FLOOR = -1.0e4
+
+JS_COEF_ENV = "DYJR_JS_COEF"
+DEFAULT_JS_COEF = 0.1
+DYJR_JS_LOSS_NAME = "dyjr_js"
+
+
+def _as_compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """fp32 for half-precision inputs (log-probs often arrive in bf16); keep fp32/fp64."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) or not x.is_floating_point() else x
+
+
+def f_js_from_log(log_u: torch.Tensor, clamp: Optional[float] = None) -> torch.Tensor:
+    """f_JS(exp(log_u)) computed stably from log u; optional symmetric clamp of log u."""
+    lu = _as_compute_dtype(log_u)
+    lu = lu.clamp(min=_LOG_U_FLOOR) if clamp is None else lu.clamp(-clamp, clamp)
+    u = torch.exp(lu)
+    return u * (LOG2 - F.softplus(-lu)) - (F.softplus(lu) - LOG2)
+
+
+def f_js(u: torch.Tensor) -> torch.Tensor:
+    """f_JS(u) = u log u - (u+1) log((u+1)/2) for u >= 0 (u = 0 gives log 2)."""
+    return f_js_from_log(torch.log(_as_compute_dtype(u)))
+
+
+def js_grad_weight_from_log(log_u: torch.Tensor, clamp: Optional[float] = None) -> torch.Tensor:
+    """w(u) = u log(2u/(u+1)) = d f_JS / d log u, the factor multiplying grad log pi_theta."""
+    lu = _as_compute_dtype(log_u)
+    lu = lu.clamp(min=_LOG_U_FLOOR) if clamp is None else lu.clamp(-clamp, clamp)
+    return torch.exp(lu) * (LOG2 - F.softplus(-lu))
+
+
+def js_grad_weight(u: torch.Tensor) -> torch.Tensor:
+    """w(u) = u log(2u/(u+1)) for u >= 0 (w(0) = 0)."""
+    return js_grad_weight_from_log(torch.log(_as_compute_dtype(u)))
+
+
+def js_term(
+    log_prob: torch.Tensor,
+    stored_log_prob: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    log_u_clamp: float = DEFAULT_LOG_U_CLAMP,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token f_JS(u), u = exp(log_prob - stored_log_prob), and the clamped log u.
+
+    Args:
+        log_prob: current log pi_theta of the sampled tokens, (bsz, T); carries the gradient.
+        stored_log_prob: log-probs recorded when the tokens were sampled, (bsz, T); detached.
+        mask: tokens to keep, (bsz, T), bool or 0/1. Masked positions are set to log u = 0 (so
+            f = 0) *before* the exp, which keeps padding garbage (inf/NaN) out of values and
+            gradients.
+        log_u_clamp: symmetric clamp of log u (see :data:`DEFAULT_LOG_U_CLAMP`).
+
+    Returns:
+        (term, log_u), both fp32 (or fp64 for fp64 inputs), shape (bsz, T), zero where masked.
+    """
+    lp = _as_compute_dtype(log_prob)
+    st = _as_compute_dtype(stored_log_prob.detach()).to(lp.dtype)
+    log_u = lp - st
+    if mask is not None:
+        keep = mask.bool()
+        log_u = torch.where(keep, log_u, torch.zeros_like(log_u))
+    log_u = log_u.clamp(-log_u_clamp, log_u_clamp)
+    return f_js_from_log(log_u), log_u
+
+
+def js_coef_from_env() -> float:
+    """lambda for the registry loss, from ``$DYJR_JS_COEF`` (default 0.1); must be finite >= 0."""
+    raw = os.environ.get(JS_COEF_ENV)
+    if raw is None or raw.strip() == "":
+        return DEFAULT_JS_COEF
+    try:
+        coef = float(raw)
+    except ValueError:
+        raise ValueError(f"{JS_COEF_ENV} must be a number >= 0, got {raw!r}") from None
+    if not (math.isfinite(coef) and coef >= 0.0):
+        raise ValueError(f"{JS_COEF_ENV} must be a finite number >= 0, got {raw!r}")
+    return coef
+
+
+def compute_policy_loss_dyjr_js(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl vanilla clipped PG + lambda * agg(f_JS(exp(log_prob - old_log_prob))) on all tokens.
+
+    Aggregated with ``agg_loss(..., **config.global_batch_info)`` like every verl loss, so the
+    accumulated gradient does not depend on the micro-batch split or the dp size. Rollout IS
+    weights apply to the PG part only (the JS term is a regulariser, not an estimator of the
+    return).
+    """
+    from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss_vanilla
+
+    pg_loss, metrics = compute_policy_loss_vanilla(
+        old_log_prob=old_log_prob,
+        log_prob=log_prob,
+        advantages=advantages,
+        response_mask=response_mask,
+        loss_agg_mode=loss_agg_mode,
+        config=config,
+        rollout_is_weights=rollout_is_weights,
+    )
+    coef = js_coef_from_env()
+    mask = response_mask.bool()
+    term, log_u = js_term(log_prob, old_log_prob, mask)
+    batch_info = dict(getattr(config, "global_batch_info", None) or {})
+    js_loss = agg_loss(loss_mat=term, loss_mask=mask, loss_agg_mode=loss_agg_mode, **batch_info)
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        metrics = dict(metrics)
+        metrics["actor/js_term"] = (term * mask).sum().div(n).item()  # local token mean of f_JS
+        metrics["actor/js_u_mean"] = (torch.exp(log_u) * mask).sum().div(n).item()
+        metrics["actor/js_coef"] = coef
+    return pg_loss + coef * js_loss.to(pg_loss.dtype), metrics
+
+
+def register_policy_losses() -> list[str]:
+    """Register ``dyjr_js`` in verl's policy-loss registry (idempotent; safe to call repeatedly).
+
+    verl's ``register_policy_loss`` silently overwrites, so re-registration after a module reload
+    simply rebinds the name to the current function object.
+    """
+    from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, register_policy_loss
+
+    if POLICY_LOSS_REGISTRY.get(DYJR_JS_LOSS_NAME) is not compute_policy_loss_dyjr_js:
+        register_policy_loss(DYJR_JS_LOSS_NAME)(compute_policy_loss_dyjr_js)
+    return [DYJR_JS_LOSS_NAME]
+
+
+register_policy_losses()
