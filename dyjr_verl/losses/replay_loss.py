@@ -185,7 +185,7 @@ def _js_replay_term(log_u, advantages, mask, spec) -> ReplayTermOutput:
 def _shaped_pg_replay_term(log_u, advantages, mask, spec) -> ReplayTermOutput:
     """Ex-GRPO: -A * u/(u+beta), written as sigmoid(log u - log beta) (stable for any log u)."""
     shaped = torch.sigmoid(log_u - math.log(spec.beta))
-    adv = torch.where(mask, advantages.float(), torch.zeros_like(shaped))
+    adv = torch.where(mask, advantages.to(shaped.dtype), torch.zeros_like(shaped))
     return ReplayTermOutput(-adv * shaped * mask, shaped.detach())
 
 
@@ -443,10 +443,11 @@ def replay_aware_loss(
         device = log_prob.device
         rows = is_replay.to(device)
         tok_mask = _fit_width(padded["response_mask"], width).to(device).bool() & rows[:, None]
-        stored = _fit_width(padded[STORED_LOG_PROBS_KEY], width).to(device).float()
+        cdtype = torch.float64 if log_prob.dtype == torch.float64 else torch.float32  # never below fp32
+        stored = _fit_width(padded[STORED_LOG_PROBS_KEY], width).to(device=device, dtype=cdtype)
         advantages = _fit_width(padded["advantages"], width).to(device) if term_def.needs_advantages else None
 
-        log_u = torch.where(tok_mask, log_prob.float() - stored, torch.zeros_like(stored))
+        log_u = torch.where(tok_mask, log_prob.to(cdtype) - stored, torch.zeros_like(stored))
         log_u = log_u.clamp(-spec.log_u_clamp, spec.log_u_clamp)
         out = term_def.fn(log_u, advantages, tok_mask, spec)
         replay_term = agg_loss(
