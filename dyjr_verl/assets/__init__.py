@@ -1,1 +1,1 @@
-"""assets"""
+"""Embedded default assets (tiny model, local tokenizer, generated tasks): see :mod:`.build`."""

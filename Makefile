@@ -1,0 +1,49 @@
+# Two commands on a fresh machine: `make demo` (tiny DyJR/GRPO run through verl's main_ppo on CPU)
+# and `make test`. Both create .venv and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+RECIPE ?= grpo_tiny_cpu
+STEPS ?= 4
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test test-unit test-e2e doctor assets bench clean
+
+# The CPU build of torch must be installed before anything that depends on torch, or pip pulls the
+# CUDA build; PyPI's torchvision/torchaudio/torchcodec are CUDA-linked and break text-only imports.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -U pip 2>&1 | grep -v "is ignored" || true
+	$(PIP) install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
+	$(PIP) install -q -e ".[cpu,math,sql,dev]" 2>&1 | grep -v "is ignored" || true
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PY) -c "import torch, verl, vllm, math_verify, sqlglot, dyjr_verl" 
+	touch $@
+
+install: $(VENV)/.installed
+
+doctor: install
+	$(PY) -m dyjr_verl doctor
+
+assets: install
+	$(PY) -m dyjr_verl.assets build
+
+demo: install assets doctor
+	$(PY) -m verl.trainer.main_ppo --config-path "$(CURDIR)/recipes" --config-name $(RECIPE) \
+	    trainer.total_training_steps=$(STEPS) 2>&1 | $(PY) -m dyjr_verl.analysis.steps
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-unit: install
+	$(PY) -m pytest -q tests -m "not e2e"
+
+test-e2e: install
+	$(PY) -m pytest -q tests -m e2e
+
+bench: install
+	$(PY) benchmarks/bench_tiny_step.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

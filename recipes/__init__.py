@@ -1,0 +1,1 @@
+"""Hydra recipes composed on verl's ppo_trainer (shipped as package data)."""
