@@ -1,0 +1,49 @@
+"""Helpers for the end-to-end tests: run verl's own trainer (``python -m verl.trainer.main_ppo``)
+on the tiny CPU recipes in a subprocess, with a deadline, and read its per-step metrics."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from dyjr_verl.analysis.steps import parse_log
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPES = REPO_ROOT / "recipes"
+RUN_DEADLINE_S = 900  # a tiny run takes 2-4 minutes on 2 cores; anything past this is a hang
+
+
+@dataclass
+class Run:
+    returncode: int
+    log: str
+    log_path: Path
+    steps: dict[int, dict[str, float]]
+
+    def tail(self, n: int = 6000) -> str:
+        return self.log[-n:]
+
+
+def run_main_ppo(recipe: str, assets: Path, workdir: Path, *overrides: str, deadline_s: int = RUN_DEADLINE_S) -> Run:
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "main_ppo.log"
+    env = {**os.environ, "DYJR_ASSETS_DIR": str(assets), "RAY_DEDUP_LOGS": "0", "HYDRA_FULL_ERROR": "1"}
+    cmd = [
+        sys.executable, "-m", "verl.trainer.main_ppo",
+        "--config-path", str(RECIPES), "--config-name", recipe,
+        f"trainer.default_local_dir={workdir / 'checkpoints'}",
+        *overrides,
+    ]
+    with log_path.open("w") as log:
+        try:
+            proc = subprocess.run(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=deadline_s)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = -9
+    # Ray leaves its local cluster behind when the driver is killed; stop it so runs don't pile up.
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True, timeout=120)
+    text = log_path.read_text(errors="replace")
+    return Run(rc, text, log_path, parse_log(text.splitlines()))
