@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-RECIPE ?= grpo_tiny_cpu
+RECIPE ?= dyjr_tiny_cpu
 STEPS ?= 4
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 

@@ -21,6 +21,10 @@ KEY_METRICS = (
     "actor/pg_loss",
     "actor/grad_norm",
     "training/rollout_probs_diff_mean",
+    "dyjr/buffer/size",
+    "dyjr/replay/rows",
+    "actor/replay/term",
+    "actor/replay/u_mean",
     "response_length/mean",
     "timing_s/step",
 )

@@ -52,6 +52,7 @@ from dyjr_verl.losses.replay_loss import (
     minibatch_normalizer_fields,
 )
 from dyjr_verl.replay.buffer import TimeSensitiveBuffer, Trajectory
+from dyjr_verl.trainer.state import buffer_digest
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
@@ -193,10 +194,11 @@ class ReplayTrainer(PPOTrainerSync):
         dp = self._actor_dp_size()
         fresh_total = len(batch)
         num_mb = fresh_total // mini
-        per_mb = self._replay_rows_per_minibatch(sum(real), num_mb, dp)
+        multiple = self._replay_row_multiple(dp)
+        per_mb = self._replay_rows_per_minibatch(sum(real), num_mb, multiple)
         drawn = self.draw_rows(per_mb * num_mb) if per_mb else []
         per_mb = len(drawn) // num_mb if num_mb else 0
-        per_mb -= per_mb % dp
+        per_mb -= per_mb % multiple
         drawn = drawn[: per_mb * num_mb]
 
         # Row order handed to update_actor: per dp rank, per mini-batch, fresh rows then replay rows.
@@ -286,6 +288,14 @@ class ReplayTrainer(PPOTrainerSync):
         per_mb = target // num_mb
         return per_mb - per_mb % multiple
 
+    def _replay_row_multiple(self, dp: int) -> int:
+        """Replay rows per mini-batch must keep every rank's share a whole number of micro-batches
+        (verl asserts it in ``prepare_micro_batches``) unless micro-batches are sized by tokens."""
+        actor = self.config.actor_rollout_ref.actor
+        if actor.get("use_dynamic_bsz", False):
+            return dp
+        return dp * int(actor.ppo_micro_batch_size_per_gpu)
+
     def _actor_dp_size(self) -> int:
         wg = self.actor_rollout_wg
         if "actor" not in wg._dispatch_info:
@@ -349,7 +359,9 @@ class ReplayTrainer(PPOTrainerSync):
                 state = pickle.load(f)
             self.store.load_state_dict(state["store"])
             self._replay_rng.bit_generator.state = state["rng"]
-            logger.info(f"replay store restored from {path}: {len(self.store)} rows")
+            # printed (not logged) so that the driver's log always shows it; tests compare it
+            print(f"dyjr: replay store restored from {path}: {len(self.store)} rows, "
+                  f"restored_digest={buffer_digest(self.store.state_dict())}", flush=True)
         else:
             logger.warning(f"resumed at step {self.global_steps} without a replay store checkpoint: starting empty")
 
