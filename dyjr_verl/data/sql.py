@@ -1,0 +1,221 @@
+"""Text-to-SQL datasets (Spider, BIRD, plain files) -> verl parquet with schema-in-prompt.
+
+Usage::
+
+    python -m dyjr_verl.data.sql INPUT --output OUT.parquet [--split dev] [--limit N] [--seed S]
+        [--db-root DIR] [--build-db-dir DIR] [--sample-rows K] [--data-source NAME] [--hf-config C]
+
+``INPUT`` is one of
+
+* a Spider directory: ``<split>.json`` or ``<split>.jsonl`` (``train`` also finds ``train_spider.json``),
+  ``tables.json`` and ``database/<db_id>/<db_id>.sqlite``. Databases shipped only as
+  ``database/<db_id>/schema.sql`` (like ``shared/data/spider``) are built into ``--build-db-dir``;
+* a BIRD directory: ``<split>.json`` with ``question``, ``evidence``, ``SQL``, ``db_id`` and
+  ``<split>_databases/<db_id>/<db_id>.sqlite``;
+* a ``.jsonl``/``.json``/``.parquet`` file with ``question``, ``query`` or ``SQL``, ``db_id`` (and
+  optionally ``evidence``); databases are looked up under ``--db-root`` (``<root>/<db_id>/<db_id>.sqlite``);
+* a hub dataset name (``owner/name``, needs network access) with the same fields plus ``--db-root``.
+
+Each row's prompt comes from :func:`dyjr_verl.rewards.sql.build_sql_prompt` (CREATE TABLEs read from the
+SQLite file, optional sample rows, BIRD evidence); ``reward_model.ground_truth`` is the gold SQL and
+``extra_info`` carries ``db_id`` and the absolute ``db_path`` that :mod:`dyjr_verl.rewards.sql` executes
+against. ``data_source`` is ``spider``/``bird`` for those layouts, else the file stem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+from dyjr_verl.data.schema import (
+    first_key,
+    load_hub_dataset,
+    looks_like_hub_name,
+    make_row,
+    read_records,
+    run_cli,
+    select_records,
+    write_parquet,
+)
+
+__all__ = ["detect_layout", "find_split_file", "DatabaseLocator", "convert", "main"]
+
+QUESTION_KEYS = ("question", "nl", "utterance")
+SQL_KEYS = ("query", "SQL", "sql", "gold_sql")
+
+
+def detect_layout(path: Path, split: str) -> str:
+    """``spider`` | ``bird`` | ``file`` for a local input path."""
+    if path.is_dir():
+        if (path / f"{split}_databases").is_dir() or (path / "dev_databases").is_dir() or (path / "train_databases").is_dir():
+            return "bird"
+        if (path / "database").is_dir():
+            return "spider"
+        raise ValueError(
+            f"{path}: not a Spider (database/) or BIRD (<split>_databases/) directory"
+        )
+    return "file"
+
+
+def find_split_file(directory: Path, split: str, layout: str) -> Path:
+    """The question file of ``split`` inside a Spider/BIRD directory."""
+    names = [f"{split}.jsonl", f"{split}.json"]
+    if layout == "spider" and split == "train":
+        names += ["train_spider.json", "train_spider.jsonl"]
+    for name in names:
+        if (directory / name).is_file():
+            return directory / name
+    raise ValueError(f"{directory}: no question file for split {split!r} (looked for {', '.join(names)})")
+
+
+class DatabaseLocator:
+    """Maps ``db_id`` to an existing SQLite file, building Spider ``schema.sql`` databases on demand."""
+
+    def __init__(self, roots: Sequence[Path], build_dir: Path | None) -> None:
+        self.roots = [Path(r) for r in roots]
+        self.build_dir = Path(build_dir).resolve() if build_dir else None
+        self._cache: dict[str, Path] = {}
+
+    def path(self, db_id: str) -> Path:
+        if db_id not in self._cache:
+            self._cache[db_id] = self._find(db_id)
+        return self._cache[db_id]
+
+    def _find(self, db_id: str) -> Path:
+        if not db_id or not re.fullmatch(r"[\w.-]+", db_id) or db_id in (".", ".."):
+            raise ValueError(f"invalid db_id {db_id!r}")
+        for root in self.roots:
+            cand = root / db_id / f"{db_id}.sqlite"
+            if cand.is_file():
+                return cand.resolve()
+        for root in self.roots:
+            schema = root / db_id / "schema.sql"
+            if schema.is_file():
+                if self.build_dir is None:
+                    raise ValueError(
+                        f"database {db_id!r} exists only as {schema}; pass --build-db-dir DIR to build its SQLite file"
+                    )
+                from dyjr_verl.rewards.sql import build_spider_sqlite
+
+                out = self.build_dir / db_id / f"{db_id}.sqlite"
+                if not out.is_file():
+                    build_spider_sqlite(schema, out)
+                return out
+        where = ", ".join(str(r) for r in self.roots) or "(no --db-root given)"
+        raise ValueError(f"database {db_id!r} not found under {where}")
+
+
+def convert(
+    records: Sequence[dict[str, Any]],
+    *,
+    data_source: str,
+    split: str,
+    locator: DatabaseLocator,
+    limit: int | None = None,
+    seed: int | None = None,
+    sample_rows: int = 0,
+) -> list[dict[str, Any]]:
+    """verl rows (``extra_info``: split, index, id, db_id, db_path, question, evidence, answer, source_index)."""
+    from dyjr_verl.rewards.sql import build_sql_prompt
+
+    prompt_cache: dict[tuple[str, str, str], str] = {}
+    rows = []
+    for out_idx, (src_idx, rec) in enumerate(select_records(records, limit, seed)):
+        where = f"record {src_idx}"
+        question = str(first_key(rec, QUESTION_KEYS, "question", where)).strip()
+        gold = str(first_key(rec, SQL_KEYS, "gold SQL", where)).strip()
+        db_id = str(first_key(rec, ("db_id",), "db_id", where))
+        evidence = str(rec.get("evidence") or "").strip()
+        db_path = locator.path(db_id)
+        key = (str(db_path), question, evidence)
+        if key not in prompt_cache:
+            prompt_cache[key] = build_sql_prompt(db_path, question, sample_rows, evidence=evidence or None)
+        rows.append(
+            make_row(
+                data_source=data_source,
+                prompt=prompt_cache[key],
+                ability="sql",
+                ground_truth=gold,
+                split=split,
+                index=out_idx,
+                extra={
+                    "id": str(rec.get("id", rec.get("question_id", src_idx))),
+                    "db_id": db_id,
+                    "db_path": str(db_path),
+                    "question": question,
+                    "evidence": evidence,
+                    "answer": gold,
+                    "source_index": int(src_idx),
+                },
+            )
+        )
+    return rows
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m dyjr_verl.data.sql", description=__doc__.split("\n\n")[0])
+    ap.add_argument("input", help="Spider/BIRD directory, a .jsonl/.json/.parquet file, or a hub dataset name")
+    ap.add_argument("--output", "-o", required=True, help="output .parquet path")
+    ap.add_argument("--split", default="dev", help="which question file to read; also stored in extra_info")
+    ap.add_argument("--limit", type=int, help="keep at most this many rows (after shuffling, if --seed)")
+    ap.add_argument("--seed", type=int, help="shuffle the rows with this seed before --limit")
+    ap.add_argument("--db-root", action="append", default=[], help="database root(s): <root>/<db_id>/<db_id>.sqlite")
+    ap.add_argument("--build-db-dir", help="where to build SQLite files for databases shipped as schema.sql")
+    ap.add_argument("--sample-rows", type=int, default=0, help="example rows per table in the prompt")
+    ap.add_argument("--data-source", help="data_source column (default: spider / bird / the file stem)")
+    ap.add_argument("--hf-config", help="hub dataset configuration name")
+    return ap
+
+
+def _main(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    if args.sample_rows < 0:
+        raise ValueError(f"--sample-rows must be >= 0, got {args.sample_rows}")
+    roots = [Path(r) for r in args.db_root]
+    for r in roots:
+        if not r.is_dir():
+            raise ValueError(f"--db-root {r} is not a directory")
+    src = Path(args.input)
+    if src.exists():
+        layout = detect_layout(src, args.split)
+        if layout == "file":
+            records = read_records(src)
+            default_source = re.sub(r"[^a-z0-9]+", "_", src.stem.lower()).strip("_") or "sql"
+        else:
+            records = read_records(find_split_file(src, args.split, layout))
+            db_dir = src / ("database" if layout == "spider" else f"{args.split}_databases")
+            if layout == "bird" and not db_dir.is_dir():
+                raise ValueError(f"{src}: BIRD split {args.split!r} has no {db_dir.name}/ directory")
+            roots = [db_dir, *roots]
+            default_source = layout
+    elif looks_like_hub_name(args.input):
+        records = load_hub_dataset(args.input, args.split, args.hf_config)
+        default_source = re.sub(r"[^a-z0-9]+", "_", args.input.split("/")[-1].lower()).strip("_")
+    else:
+        raise ValueError(f"input not found: {args.input} (not a file or directory, nor an owner/name hub dataset)")
+    if not records:
+        raise ValueError(f"{args.input}: no records")
+    locator = DatabaseLocator(roots, Path(args.build_db_dir) if args.build_db_dir else None)
+    rows = convert(
+        records,
+        data_source=args.data_source or default_source,
+        split=args.split,
+        locator=locator,
+        limit=args.limit,
+        seed=args.seed,
+        sample_rows=args.sample_rows,
+    )
+    out = write_parquet(rows, args.output)
+    print(f"wrote {len(rows)} rows to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (2 with ``error: ...`` on stderr for bad input)."""
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,553 @@
+"""A process pool with a hard per-call deadline that works from any thread.
+
+Why not the obvious tools:
+
+* ``signal.alarm`` (math-verify's own timeout) only works in the main thread; verl's reward loop calls
+  ``compute_score`` from executor threads inside Ray actors, where it raises or silently scores 0.
+* ``concurrent.futures.ProcessPoolExecutor`` + ``future.result(timeout=...)`` stops *waiting*, but the
+  worker keeps burning a core on the pathological input, and the pool cannot kill or replace it; a few
+  such inputs and every worker is stuck.
+* ``func_timeout`` / thread interrupts cannot stop C code (sympy big-integer arithmetic, SQLite's VM).
+
+:class:`DeadlinePool` owns its worker processes. Each call is sent to one idle worker and must answer
+within ``timeout_s`` (counted from the moment the worker receives it, so queueing behind other calls or
+waiting for a worker to boot does not eat the budget). A worker that misses the deadline is SIGKILLed
+and replaced lazily; a worker that crashes (segfault, OOM kill, ``RecursionError`` in C) is replaced the
+same way. The caller gets :class:`DeadlineExceeded` or :class:`WorkerCrashed` and the pool stays usable.
+
+Workers are started lazily (nothing happens at import or construction), via the ``forkserver`` start
+method on Linux (fork-safe in threaded parents such as Ray actors, and a replacement costs a ``fork`` of
+the server instead of a fresh interpreter) and ``spawn`` elsewhere. Modules named in ``preload`` are
+imported once in the fork server where possible. Each worker gets an address-space limit
+(``memory_limit_mb``) so that e.g. ``10^{10^{10}}`` fails with ``MemoryError`` instead of swapping the
+host, and it dies with its parent (``PR_SET_PDEATHSIG`` plus a watchdog thread).
+
+One manager thread per pool dispatches calls and enforces deadlines; ``submit`` is thread-safe and
+returns a :class:`concurrent.futures.Future`, so sync (:meth:`run`), batch (:meth:`map`) and asyncio
+(:meth:`run_async`) callers share the same workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import socket
+import sys
+import threading
+import time
+import weakref
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+__all__ = [
+    "DeadlineExceeded",
+    "WorkerCrashed",
+    "DeadlinePool",
+    "default_start_method",
+]
+
+#: How long a freshly started worker may take to import its modules and report ready.
+BOOT_TIMEOUT_S = 120.0
+#: After this many consecutive failed boots, pending calls fail instead of waiting forever.
+MAX_BOOT_FAILURES = 3
+
+
+class DeadlineExceeded(TimeoutError):
+    """The call did not finish within its deadline; its worker was killed."""
+
+
+class WorkerCrashed(RuntimeError):
+    """The worker process died while running the call (or could not be started)."""
+
+
+def default_start_method() -> str:
+    """``forkserver`` where available (Linux), else ``spawn``; never plain ``fork`` (unsafe in threaded parents)."""
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+# --------------------------------------------------------------------------------------------------
+# worker side
+
+
+def _set_parent_death_signal() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except Exception:  # pragma: no cover - best effort only
+        pass
+
+
+def _watchdog(owner_pid: int, state: dict[str, float]) -> None:
+    """Exit when the owning process is gone or the current call overran its deadline by far.
+
+    Backup only: the owner kills overdue workers itself, and a C loop holding the GIL starves this thread.
+    """
+    while True:
+        time.sleep(0.5)
+        try:
+            os.kill(owner_pid, 0)
+        except ProcessLookupError:
+            os._exit(70)
+        except PermissionError:  # pid reused by another user's process: owner is gone
+            os._exit(70)
+        hard = state.get("hard_deadline", 0.0)
+        if hard and time.monotonic() > hard:
+            os._exit(71)
+
+
+def _worker_main(
+    conn: multiprocessing.connection.Connection,
+    owner_pid: int,
+    memory_limit_mb: int | None,
+    initializer: Callable[[], Any] | None,
+) -> None:
+    """Worker loop: receive ``(fn, args, kwargs, timeout_s)``, reply ``("ok", value)`` or ``("err", exc)``."""
+    _set_parent_death_signal()
+    if memory_limit_mb:
+        try:
+            import resource
+
+            limit = int(memory_limit_mb) * 1024 * 1024
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        except (ImportError, ValueError, OSError):  # pragma: no cover - non-Linux
+            pass
+    state: dict[str, float] = {"hard_deadline": 0.0}
+    threading.Thread(target=_watchdog, args=(owner_pid, state), daemon=True, name="deadline-watchdog").start()
+    try:
+        if initializer is not None:
+            initializer()
+    except BaseException as exc:  # report and die: the owner counts this as a failed boot
+        _send_quietly(conn, ("boot_error", f"{type(exc).__name__}: {exc}"))
+        return
+    _send_quietly(conn, ("ready", os.getpid()))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        fn, args, kwargs, timeout_s = msg
+        # Generous self-destruct in case the owner's manager thread is wedged.
+        state["hard_deadline"] = time.monotonic() + 2.0 * float(timeout_s) + 5.0
+        try:
+            reply: tuple[str, Any] = ("ok", fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - everything is reported to the caller
+            reply = ("err", _picklable_exception(exc))
+        state["hard_deadline"] = 0.0
+        try:
+            conn.send(reply)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            _send_quietly(conn, ("err", RuntimeError(f"result not picklable: {exc}")))
+        except (OSError, EOFError):
+            return
+
+
+def _picklable_exception(exc: BaseException) -> BaseException:
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def _send_quietly(conn: multiprocessing.connection.Connection, obj: Any) -> None:
+    try:
+        conn.send(obj)
+    except Exception:
+        pass
+
+
+# --------------------------------------------------------------------------------------------------
+# owner side
+
+
+@dataclass(eq=False)
+class _Task:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    timeout_s: float
+    future: Future
+
+
+@dataclass(eq=False)
+class _Worker:
+    process: Any
+    conn: multiprocessing.connection.Connection
+    started: float
+    task: _Task | None = None
+    deadline: float = 0.0
+    ready: bool = False
+
+
+@dataclass
+class PoolStats:
+    """Counters for tests and logging."""
+
+    started: int = 0
+    completed: int = 0
+    timed_out: int = 0
+    crashed: int = 0
+    boot_failures: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+_LIVE_POOLS: "weakref.WeakSet[DeadlinePool]" = weakref.WeakSet()
+
+
+def _shutdown_all() -> None:
+    for pool in list(_LIVE_POOLS):
+        pool.shutdown()
+
+
+atexit.register(_shutdown_all)
+
+
+class DeadlinePool:
+    """Worker processes with a hard, thread-safe per-call deadline (see the module docstring).
+
+    Args:
+        name: used in thread/process names and error messages.
+        max_workers: number of worker processes (started on demand).
+        start_method: ``forkserver`` (default on Linux) or ``spawn``.
+        preload: modules imported once in the fork server (``forkserver`` only, and only if this
+            process's fork server is not running yet); they are imported per worker otherwise.
+        memory_limit_mb: ``RLIMIT_AS`` for each worker; ``None`` for no limit.
+        initializer: picklable zero-argument callable run in each worker before it reports ready
+            (warm caches here so that the first call does not spend its deadline on imports).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        max_workers: int,
+        *,
+        start_method: str | None = None,
+        preload: Sequence[str] = (),
+        memory_limit_mb: int | None = 2048,
+        initializer: Callable[[], Any] | None = None,
+    ) -> None:
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+        method = start_method or default_start_method()
+        if method not in ("forkserver", "spawn"):
+            raise ValueError(f"start_method must be 'forkserver' or 'spawn', got {method!r}")
+        self.name = name
+        self.max_workers = int(max_workers)
+        self.start_method = method
+        self.preload = tuple(preload)
+        self.memory_limit_mb = memory_limit_mb
+        self.initializer = initializer
+        self.stats = PoolStats()
+        self._reset_state()
+        _LIVE_POOLS.add(self)
+
+    # -- public API ---------------------------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], *args: Any, timeout_s: float, **kwargs: Any) -> Future:
+        """Queue ``fn(*args, **kwargs)``; the future fails with :class:`DeadlineExceeded` after ``timeout_s``."""
+        if not timeout_s or timeout_s <= 0:
+            raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        self._check_fork()
+        fut: Future = Future()
+        task = _Task(fn, args, kwargs, float(timeout_s), fut)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"DeadlinePool {self.name!r} is shut down")
+            self._pending.append(task)
+            self._ensure_manager()
+        self._wake()
+        return fut
+
+    def run(self, fn: Callable[..., Any], *args: Any, timeout_s: float, **kwargs: Any) -> Any:
+        """Blocking :meth:`submit`; raises the worker's exception, :class:`DeadlineExceeded` or :class:`WorkerCrashed`."""
+        return self.submit(fn, *args, timeout_s=timeout_s, **kwargs).result()
+
+    async def run_async(self, fn: Callable[..., Any], *args: Any, timeout_s: float, **kwargs: Any) -> Any:
+        """Awaitable :meth:`run` for asyncio callers (verl's reward loop accepts ``async def`` scorers)."""
+        return await asyncio.wrap_future(self.submit(fn, *args, timeout_s=timeout_s, **kwargs))
+
+    def map(
+        self, fn: Callable[..., Any], arg_tuples: Iterable[tuple[Any, ...]], *, timeout_s: float
+    ) -> list[tuple[bool, Any]]:
+        """Run ``fn(*args)`` for each tuple concurrently; returns ``(ok, value_or_exception)`` in input order."""
+        futures = [self.submit(fn, *args, timeout_s=timeout_s) for args in arg_tuples]
+        out: list[tuple[bool, Any]] = []
+        for fut in futures:
+            exc = fut.exception()
+            out.append((False, exc) if exc is not None else (True, fut.result()))
+        return out
+
+    def warm(self, n: int | None = None, wait_s: float = BOOT_TIMEOUT_S) -> int:
+        """Start up to ``n`` workers now (default all) and wait until they are ready; returns the ready count."""
+        want = self.max_workers if n is None else max(1, min(int(n), self.max_workers))
+        self._check_fork()
+        with self._lock:
+            self._want_warm = max(self._want_warm, want)
+            self._ensure_manager()
+        self._wake()
+        end = time.monotonic() + wait_s
+        while time.monotonic() < end:
+            with self._lock:
+                ready = sum(1 for w in self._workers if w.ready)
+            if ready >= want:
+                return ready
+            time.sleep(0.01)
+        with self._lock:
+            return sum(1 for w in self._workers if w.ready)
+
+    def alive_workers(self) -> int:
+        with self._lock:
+            return sum(1 for w in self._workers if w.process.is_alive())
+
+    def shutdown(self) -> None:
+        """Stop the manager, kill all workers and fail queued calls; safe to call twice."""
+        if os.getpid() != self._pid:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pending = list(self._pending)
+            self._pending.clear()
+        self._wake()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5.0)
+        with self._lock:
+            workers = list(self._workers)
+            self._workers.clear()
+        for w in workers:
+            if w.task is not None and not w.task.future.done():
+                w.task.future.set_exception(WorkerCrashed(f"pool {self.name!r} shut down"))
+            self._kill(w)
+        for task in pending:
+            if not task.future.done():
+                task.future.set_exception(WorkerCrashed(f"pool {self.name!r} shut down"))
+        for sock in (self._wake_r, self._wake_w):
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _reset_state(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.RLock()  # future callbacks may re-enter submit()
+        self._pending: collections.deque[_Task] = collections.deque()
+        self._workers: list[_Worker] = []
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._want_warm = 0
+        self._boot_failures_in_a_row = 0
+        self._last_boot_error = ""
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    def _check_fork(self) -> None:
+        """After ``os.fork`` the copied workers and thread belong to the parent: start from scratch."""
+        if os.getpid() != self._pid:
+            self._reset_state()
+            self.stats = PoolStats()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except (BlockingIOError, OSError):
+            pass  # buffer full means a wake-up is already pending; closed means shut down
+
+    def _ensure_manager(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._manage, daemon=True, name=f"deadline-pool-{self.name}")
+            self._thread.start()
+
+    def _context(self) -> Any:
+        ctx = multiprocessing.get_context(self.start_method)
+        if self.start_method == "forkserver" and self.preload:
+            import multiprocessing.forkserver as fs
+
+            server = getattr(fs, "_forkserver", None)
+            running = server is not None and getattr(server, "_forkserver_pid", None) is not None
+            if not running and server is not None:
+                current = list(getattr(server, "_preload_modules", ["__main__"]))
+                ctx.set_forkserver_preload(current + [m for m in self.preload if m not in current])
+        return ctx
+
+    def _start_worker(self) -> None:
+        ctx = self._context()
+        parent_conn, child_conn = ctx.Pipe(duplex=True)
+        proc = ctx.Process(
+            target=_worker_main,
+            args=(child_conn, os.getpid(), self.memory_limit_mb, self.initializer),
+            name=f"{self.name}-worker",
+            daemon=True,
+        )
+        try:
+            proc.start()
+        except Exception as exc:
+            parent_conn.close()
+            child_conn.close()
+            self._boot_failed(f"could not start worker: {type(exc).__name__}: {exc}")
+            return
+        child_conn.close()
+        self.stats.started += 1
+        self._workers.append(_Worker(proc, parent_conn, time.monotonic()))
+
+    def _boot_failed(self, why: str) -> None:
+        self.stats.boot_failures += 1
+        self._boot_failures_in_a_row += 1
+        self._last_boot_error = why
+        if self._boot_failures_in_a_row >= MAX_BOOT_FAILURES:
+            err = WorkerCrashed(f"pool {self.name!r}: workers fail to start ({why})")
+            while self._pending:
+                task = self._pending.popleft()
+                if not task.future.done():
+                    task.future.set_exception(err)
+            self._want_warm = 0
+            self._boot_failures_in_a_row = 0
+
+    def _kill(self, w: _Worker) -> None:
+        try:
+            w.process.kill()
+        except Exception:
+            pass
+        try:
+            w.process.join(timeout=2.0)
+        except Exception:
+            pass
+        try:
+            w.conn.close()
+        except Exception:
+            pass
+
+    def _retire(self, w: _Worker, exc: BaseException | None) -> None:
+        """Remove ``w`` (lock held); fail its task with ``exc``."""
+        if w in self._workers:
+            self._workers.remove(w)
+        if w.task is not None and exc is not None and not w.task.future.done():
+            w.task.future.set_exception(exc)
+        w.task = None
+        self._kill(w)
+
+    def _schedule(self) -> float | None:
+        """Start workers, hand pending tasks to idle ones; returns the wait timeout (lock held)."""
+        booting = sum(1 for w in self._workers if not w.ready)
+        idle = [w for w in self._workers if w.ready and w.task is None]
+        need = max(len(self._pending) - len(idle) - booting, self._want_warm - len(self._workers), 0)
+        while need > 0 and len(self._workers) < self.max_workers:
+            self._start_worker()
+            need -= 1
+        while self._pending and idle:
+            task = self._pending[0]
+            if task.future.done():  # cancelled while queued
+                self._pending.popleft()
+                continue
+            w = idle.pop()
+            try:
+                w.conn.send((task.fn, task.args, task.kwargs, task.timeout_s))
+            except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                self._pending.popleft()
+                task.future.set_exception(ValueError(f"cannot send call to worker: {exc}"))
+                idle.append(w)
+                continue
+            except (OSError, EOFError):
+                self._retire(w, None)  # dead idle worker; the task stays queued for another one
+                continue
+            self._pending.popleft()
+            # False means it was cancelled just now; the worker is still busy with it and its reply is
+            # dropped in _on_message (future already done), so keep the task attached either way.
+            task.future.set_running_or_notify_cancel()
+            w.task = task
+            w.deadline = time.monotonic() + task.timeout_s
+        now = time.monotonic()
+        deadlines = [w.deadline for w in self._workers if w.task is not None]
+        deadlines += [w.started + BOOT_TIMEOUT_S for w in self._workers if not w.ready]
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - now)
+
+    def _manage(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                timeout = self._schedule()
+                conns = [w.conn for w in self._workers]
+            try:
+                ready = multiprocessing.connection.wait([self._wake_r, *conns], timeout)
+            except OSError:
+                ready = []
+            with self._lock:
+                if self._closed:
+                    return
+                if self._wake_r in ready:
+                    try:
+                        while self._wake_r.recv(4096):
+                            pass
+                    except (BlockingIOError, OSError):
+                        pass
+                by_conn = {w.conn: w for w in self._workers}
+                for c in ready:
+                    w = by_conn.get(c)
+                    if w is not None:
+                        self._on_message(w)
+                now = time.monotonic()
+                for w in list(self._workers):
+                    if w.task is not None and now >= w.deadline:
+                        self.stats.timed_out += 1
+                        self._retire(w, DeadlineExceeded(f"call exceeded its {w.task.timeout_s:g} s deadline"))
+                    elif not w.ready and now >= w.started + BOOT_TIMEOUT_S:
+                        self._retire(w, None)
+                        self._boot_failed(f"worker not ready after {BOOT_TIMEOUT_S:g} s")
+                if self._want_warm and sum(1 for w in self._workers if w.ready) >= self._want_warm:
+                    self._want_warm = 0
+
+    def _on_message(self, w: _Worker) -> None:
+        try:
+            msg = w.conn.recv()
+        except (EOFError, OSError):
+            code = w.process.exitcode if not w.process.is_alive() else None
+            if w.ready:
+                self.stats.crashed += 1
+                self._retire(w, WorkerCrashed(f"worker died during the call (exit code {code})"))
+            else:
+                self._retire(w, None)
+                self._boot_failed(f"worker died while starting (exit code {code})")
+            return
+        except Exception as exc:  # unpicklable reply
+            self._retire(w, WorkerCrashed(f"unreadable reply from worker: {type(exc).__name__}: {exc}"))
+            return
+        kind = msg[0]
+        if kind == "ready":
+            w.ready = True
+            self._boot_failures_in_a_row = 0
+            return
+        if kind == "boot_error":
+            self._retire(w, None)
+            self._boot_failed(str(msg[1]))
+            return
+        task, w.task = w.task, None
+        if task is None or task.future.done():
+            return
+        self.stats.completed += 1
+        if kind == "ok":
+            task.future.set_result(msg[1])
+        else:
+            task.future.set_exception(msg[1])
+
