@@ -137,7 +137,7 @@ def extract_answer_line(text: str) -> str | None:
     if best is None:
         return None
     ans = _HOPE_RE.sub("", best[1]).strip()
-    ans = ans.strip("*_ ").strip()
+    ans = ans.strip("*_ ").rstrip(".").strip()
     ans = _strip_math_delims(ans).rstrip(".").strip()
     return ans or None
 

@@ -70,11 +70,13 @@ __all__ = [
     "results_match",
     "resolve_db_path",
     "build_sql_prompt",
+    "describe_schema",
     "build_spider_sqlite",
     "open_readonly",
     "get_pool",
     "configure_pool",
     "clear_gold_cache",
+    "gold_cache_stats",
 ]
 
 SCORE_CORRECT = 1.0
@@ -502,6 +504,12 @@ def clear_gold_cache() -> None:
         _gold_stats.update(hits=0, misses=0)
 
 
+def gold_cache_stats() -> dict[str, int]:
+    """``{"hits", "misses", "size"}`` of the in-process gold-result cache."""
+    with _gold_lock:
+        return {**_gold_stats, "size": len(_gold_cache)}
+
+
 def _gold_key(db_path: str, gold_sql: str) -> tuple[Any, ...]:
     st = os.stat(db_path)
     return (os.path.realpath(db_path), st.st_mtime_ns, st.st_size, gold_sql)
@@ -581,7 +589,7 @@ def resolve_db_path(extra_info: dict[str, Any] | None, db_root: str | os.PathLik
     raise ValueError("extra_info must carry 'db_path', or 'db_id' plus a db_root (kwarg or DYJR_SQL_DB_ROOT)")
 
 
-def _result(status: str, pred: str, opts: _Options, **extra: Any) -> dict[str, Any]:
+def _result(status: str, pred: str, opts: _Options) -> dict[str, Any]:
     return {
         "score": opts.scores[status],
         "acc": status == "correct",
