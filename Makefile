@@ -7,6 +7,8 @@ PIP := $(PY) -m pip
 RECIPE ?= dyjr_tiny_cpu
 STEPS ?= 4
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 
 .PHONY: install demo test test-unit test-e2e doctor assets bench clean
 
@@ -31,7 +33,7 @@ assets: install
 
 demo: install assets doctor
 	$(PY) -m verl.trainer.main_ppo --config-path "$(CURDIR)/recipes" --config-name $(RECIPE) \
-	    trainer.total_training_steps=$(STEPS) 2>&1 | $(PY) -m dyjr_verl.analysis.steps
+	    trainer.total_training_steps=$(STEPS) 2>&1 | $(PY) -m dyjr_verl.analysis.steps --log runs/demo_$(RECIPE).log
 
 test: install
 	$(PY) -m pytest -q tests

@@ -15,6 +15,8 @@ from typing import Iterable
 
 _STEP = re.compile(r"(?:^|\s)step:(\d+) - (.*)$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# lines worth showing besides the step metrics: our start-up errors, verl's fatal errors, the end
+_IMPORTANT = re.compile(r"^dyjr-verl: error|Error executing job|^\w*Error: |RayTaskError|Final validation metrics|Training Progress: 100%")
 
 KEY_METRICS = (
     "critic/score/mean",
@@ -82,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                 steps.setdefault(step, {}).update(metrics)
                 brief = ", ".join(f"{k}={metrics[k]:.4g}" for k in args.keys if k in metrics)
                 print(f"step {step}: {brief}", flush=True)
-            elif "Error" in line or "error:" in line:
-                print(line.rstrip(), flush=True)
+            elif _IMPORTANT.search(line):
+                print(_ANSI.sub("", line.rstrip()), flush=True)
     if not steps:
         print(f"no training step was logged; full log in {args.log}", file=sys.stderr)
         return 1
