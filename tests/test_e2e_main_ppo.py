@@ -47,7 +47,7 @@ def test_dyjr_tiny_recipe_replays_through_the_js_term(assets, tmp_path):
     # admit=all and max_age=2 make filling and age eviction deterministic within 5 steps.
     run = run_main_ppo(
         "dyjr_tiny_cpu", assets, tmp_path,
-        "trainer.total_training_steps=5", "trainer.save_freq=3",
+        "trainer.total_training_steps=5", "trainer.save_freq=3", "trainer.test_freq=5",
         "dyjr.buffer.admit=all", "dyjr.buffer.max_age=2",
     )
     assert run.returncode == 0, run.tail()
@@ -65,6 +65,8 @@ def test_dyjr_tiny_recipe_replays_through_the_js_term(assets, tmp_path):
     u = [run.steps[s]["actor/replay/u_mean"] for s in range(2, 6)]
     assert all(0.1 < v < 10 for v in u), u
     assert max(_series(run, "dyjr/replay/mean_age")) <= 2
+    # verl's validation still runs with the dyjr trainer mode (fresh generations, no replay rows)
+    assert any(k.startswith("val-core/") for k in run.steps[5]), sorted(run.steps[5])[:20]
 
     # resume from the step-3 checkpoint: the restored buffer is identical to the saved one
     ckpt = tmp_path / "checkpoints" / "global_step_3"

@@ -12,6 +12,8 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from dyjr_verl.data.schema import make_row
+
 ARITH_DATA_SOURCE = "dyjr/arithmetic"
 SQL_DATA_SOURCE = "dyjr/tiny_sql"
 
@@ -78,13 +80,9 @@ def arithmetic_problems(n: int, seed: int, two_step_share: float = 0.5) -> list[
 
 def arithmetic_rows(problems: list[ArithmeticProblem], split: str) -> list[dict]:
     return [
-        {
-            "data_source": ARITH_DATA_SOURCE,
-            "prompt": [{"role": "user", "content": f"{p.question} {ARITH_INSTRUCTION}"}],
-            "ability": "math",
-            "reward_model": {"style": "rule", "ground_truth": str(p.answer)},
-            "extra_info": {"split": split, "index": i, "question": p.question, "answer": p.solution},
-        }
+        make_row(data_source=ARITH_DATA_SOURCE, prompt=f"{p.question} {ARITH_INSTRUCTION}", ability="math",
+                 ground_truth=str(p.answer), split=split, index=i,
+                 extra={"question": p.question, "answer": p.solution})
         for i, p in enumerate(problems)
     ]
 
@@ -156,12 +154,8 @@ def sql_questions(seed: int) -> list[tuple[str, str]]:
 def sql_rows(pairs: list[tuple[str, str]], db_path: Path, split: str) -> list[dict]:
     schema = " ".join(SQL_SCHEMA.split())
     return [
-        {
-            "data_source": SQL_DATA_SOURCE,
-            "prompt": [{"role": "user", "content": f"Schema: {schema}\nQuestion: {q}\n{SQL_INSTRUCTION}"}],
-            "ability": "sql",
-            "reward_model": {"style": "rule", "ground_truth": gold},
-            "extra_info": {"split": split, "index": i, "question": q, "db_path": str(db_path), "db_id": "company"},
-        }
+        make_row(data_source=SQL_DATA_SOURCE, prompt=f"Schema: {schema}\nQuestion: {q}\n{SQL_INSTRUCTION}",
+                 ability="sql", ground_truth=gold, split=split, index=i,
+                 extra={"question": q, "db_path": str(db_path), "db_id": "company"})
         for i, (q, gold) in enumerate(pairs)
     ]
