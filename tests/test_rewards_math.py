@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from dyjr_verl.rewards import math as mr
-from dyjr_verl.rewards.deadline import DeadlineExceeded, DeadlinePool, WorkerCrashed
+from dyjr_verl.rewards.deadline import DeadlineExceeded, DeadlinePool, PoolStartError, WorkerCrashed
 
 TIMEOUT_S = 2.0  # short deadline for the pathological cases; the default is 5 s
 BOUND_S = TIMEOUT_S + 2.0
@@ -362,3 +362,21 @@ def test_deadline_pool_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="timeout_s"):
         pool.submit(operator.add, 1, 1, timeout_s=0)
     pool.shutdown()
+
+
+def test_pool_that_cannot_start_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken environment must raise, not silently score every sample 0 (verl PR #5635's failure mode)."""
+    import sys
+
+    broken = DeadlinePool("broken", 1, initializer=sys.exit)  # every worker dies while booting
+    try:
+        with pytest.raises(PoolStartError, match="fail to start"):
+            broken.run(operator.add, 1, 1, timeout_s=5)
+        monkeypatch.setattr(mr, "get_pool", lambda: broken)
+        with pytest.raises(PoolStartError):
+            mr.compute_score("x", "\\boxed{\\frac12}", "0.5")
+        with pytest.raises(PoolStartError):
+            mr.compute_score_batch(None, ["\\boxed{\\frac12}"], ["0.5"])
+        assert mr.compute_score("x", "\\boxed{5}", "5")["score"] == 1.0  # the in-process path still works
+    finally:
+        broken.shutdown()

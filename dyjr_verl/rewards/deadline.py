@@ -48,8 +48,11 @@ from typing import Any, Callable, Iterable, Sequence
 __all__ = [
     "DeadlineExceeded",
     "WorkerCrashed",
+    "PoolStartError",
     "DeadlinePool",
     "default_start_method",
+    "register_preload",
+    "default_worker_count",
 ]
 
 #: How long a freshly started worker may take to import its modules and report ready.
@@ -63,12 +66,51 @@ class DeadlineExceeded(TimeoutError):
 
 
 class WorkerCrashed(RuntimeError):
-    """The worker process died while running the call (or could not be started)."""
+    """The worker process died while running the call (segfault, OOM kill, ``os._exit``)."""
+
+
+class PoolStartError(RuntimeError):
+    """Workers cannot be started at all (e.g. called from a daemonic multiprocessing worker).
+
+    Unlike a per-call crash this is an environment problem, so reward functions let it propagate
+    instead of scoring every sample 0.
+    """
+
+
+def default_worker_count() -> int:
+    """``$DYJR_REWARD_WORKERS`` if set, else min(4, CPU count): reward workers per scoring process."""
+    env = os.environ.get("DYJR_REWARD_WORKERS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"DYJR_REWARD_WORKERS must be an integer, got {env!r}") from None
+        if n < 1:
+            raise ValueError(f"DYJR_REWARD_WORKERS must be >= 1, got {n}")
+        return n
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def default_start_method() -> str:
     """``forkserver`` where available (Linux), else ``spawn``; never plain ``fork`` (unsafe in threaded parents)."""
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+#: Modules to import in the (process-global, shared) fork server, gathered from every caller that
+#: registered them before the server started; see :func:`register_preload`.
+_PRELOAD: list[str] = []
+
+
+def register_preload(*modules: str) -> None:
+    """Ask for ``modules`` to be imported once in the fork server, if it has not started yet.
+
+    Python has one fork server per process, started by whichever pool forks first; registering at
+    import time (cheap: nothing is imported here) lets e.g. the SQL pool start a server that the
+    Math-Verify pool can later fork warm workers from.
+    """
+    for m in modules:
+        if m not in _PRELOAD:
+            _PRELOAD.append(m)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,7 +267,8 @@ class DeadlinePool:
         max_workers: number of worker processes (started on demand).
         start_method: ``forkserver`` (default on Linux) or ``spawn``.
         preload: modules imported once in the fork server (``forkserver`` only, and only if this
-            process's fork server is not running yet); they are imported per worker otherwise.
+            process's fork server is not running yet, see :func:`register_preload`); workers import
+            them themselves otherwise.
         memory_limit_mb: ``RLIMIT_AS`` for each worker; ``None`` for no limit.
         initializer: picklable zero-argument callable run in each worker before it reports ready
             (warm caches here so that the first call does not spend its deadline on imports).
@@ -379,14 +422,15 @@ class DeadlinePool:
 
     def _context(self) -> Any:
         ctx = multiprocessing.get_context(self.start_method)
-        if self.start_method == "forkserver" and self.preload:
+        if self.start_method == "forkserver":
             import multiprocessing.forkserver as fs
 
+            register_preload(*self.preload)
             server = getattr(fs, "_forkserver", None)
             running = server is not None and getattr(server, "_forkserver_pid", None) is not None
-            if not running and server is not None:
+            if not running and server is not None and _PRELOAD:
                 current = list(getattr(server, "_preload_modules", ["__main__"]))
-                ctx.set_forkserver_preload(current + [m for m in self.preload if m not in current])
+                ctx.set_forkserver_preload(current + [m for m in _PRELOAD if m not in current])
         return ctx
 
     def _start_worker(self) -> None:
@@ -414,7 +458,7 @@ class DeadlinePool:
         self._boot_failures_in_a_row += 1
         self._last_boot_error = why
         if self._boot_failures_in_a_row >= MAX_BOOT_FAILURES:
-            err = WorkerCrashed(f"pool {self.name!r}: workers fail to start ({why})")
+            err = PoolStartError(f"pool {self.name!r}: worker processes fail to start ({why})")
             while self._pending:
                 task = self._pending.popleft()
                 if not task.future.done():

@@ -31,7 +31,13 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Iterable, Sequence
 
-from dyjr_verl.rewards.deadline import DeadlineExceeded, DeadlinePool
+from dyjr_verl.rewards.deadline import (
+    DeadlineExceeded,
+    DeadlinePool,
+    PoolStartError,
+    default_worker_count,
+    register_preload,
+)
 
 __all__ = [
     "SCORE_CORRECT",
@@ -266,22 +272,13 @@ def _verify_in_worker(golds: tuple[str, ...], pred: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # pool management
 
+# Import Math-Verify (sympy, antlr: ~1 s) once in the fork server, so that replacing a killed worker
+# costs a fork, whichever pool happens to start the server first. Nothing is imported here.
+register_preload("math_verify")
+
 _pool: DeadlinePool | None = None
 _pool_lock = threading.Lock()
 _pool_settings: dict[str, Any] = {}
-
-
-def _default_workers() -> int:
-    env = os.environ.get("DYJR_REWARD_WORKERS")
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            raise ValueError(f"DYJR_REWARD_WORKERS must be an integer, got {env!r}") from None
-        if n < 1:
-            raise ValueError(f"DYJR_REWARD_WORKERS must be >= 1, got {n}")
-        return n
-    return max(1, min(4, os.cpu_count() or 1))
 
 
 def configure_pool(
@@ -306,7 +303,7 @@ def get_pool() -> DeadlinePool:
         if _pool is None:
             _pool = DeadlinePool(
                 "math-verify",
-                _pool_settings.get("max_workers") or _default_workers(),
+                _pool_settings.get("max_workers") or default_worker_count(),
                 start_method=_pool_settings.get("start_method"),
                 preload=("math_verify",),
                 memory_limit_mb=_pool_settings.get("memory_limit_mb", 2048),
@@ -426,6 +423,8 @@ def compute_score(
         return done
     try:
         value = get_pool().run(_verify_in_worker, golds, pred, timeout_s=opts.timeout_s)
+    except PoolStartError:
+        raise  # broken environment: fail loudly rather than score everything 0
     except Exception as exc:  # noqa: BLE001 - DeadlineExceeded, WorkerCrashed, worker exceptions
         return _finish(pred, False, exc)
     return _finish(pred, True, value)
@@ -445,6 +444,8 @@ async def compute_score_async(
         return done
     try:
         value = await get_pool().run_async(_verify_in_worker, golds, pred, timeout_s=opts.timeout_s)
+    except PoolStartError:
+        raise
     except Exception as exc:  # noqa: BLE001
         return _finish(pred, False, exc)
     return _finish(pred, True, value)
@@ -475,6 +476,8 @@ def compute_score_batch(
         futures = [pool.submit(_verify_in_worker, golds, pred, timeout_s=opts.timeout_s) for _, golds, pred in jobs]
         for (i, _, pred), fut in zip(jobs, futures):
             exc = fut.exception()
+            if isinstance(exc, PoolStartError):
+                raise exc
             results[i] = _finish(pred, exc is None, fut.result() if exc is None else exc)
     assert all(r is not None for r in results)
     return results  # type: ignore[return-value]

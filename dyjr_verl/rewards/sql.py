@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from dyjr_verl.rewards.deadline import DeadlineExceeded, DeadlinePool
+from dyjr_verl.rewards.deadline import DeadlineExceeded, DeadlinePool, PoolStartError, default_worker_count
 
 __all__ = [
     "SCORE_CORRECT",
@@ -473,11 +473,9 @@ def get_pool() -> DeadlinePool:
         return pool
     with _pool_lock:
         if _pool is None:
-            from dyjr_verl.rewards.math import _default_workers
-
             _pool = DeadlinePool(
                 "sql-exec",
-                _pool_settings.get("max_workers") or _default_workers(),
+                _pool_settings.get("max_workers") or default_worker_count(),
                 start_method=_pool_settings.get("start_method"),
                 memory_limit_mb=_pool_settings.get("memory_limit_mb", WORKER_MEMORY_LIMIT_MB),
                 initializer=_worker_init,
@@ -692,10 +690,14 @@ def _submit_all(jobs: list[_Job], opts: _Options) -> list[tuple[bool, Any]]:
     for job, gfut in zip(jobs, per_job_gold):
         if gfut is not None:
             exc = gfut.exception()
+            if isinstance(exc, PoolStartError):
+                raise exc  # broken environment: fail loudly rather than score everything
             _store_gold(job, _gold_from_outcome(job.gold_sql, exc is None, gfut.result() if exc is None else exc, opts.max_rows))
     out = []
     for fut in pred_futs:
         exc = fut.exception()
+        if isinstance(exc, PoolStartError):
+            raise exc
         out.append((True, fut.result()) if exc is None else (False, exc))
     return out
 
