@@ -380,3 +380,31 @@ def test_pool_that_cannot_start_fails_loudly(monkeypatch: pytest.MonkeyPatch) ->
         assert mr.compute_score("x", "\\boxed{5}", "5")["score"] == 1.0  # the in-process path still works
     finally:
         broken.shutdown()
+
+
+def test_pool_reports_process_start_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """E.g. called inside a daemonic multiprocessing worker, where Process.start() raises."""
+    import multiprocessing
+
+    class _NoStart:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def start(self) -> None:
+            raise AssertionError("daemonic processes are not allowed to have children")
+
+    class _Ctx:
+        Pipe = staticmethod(multiprocessing.Pipe)
+        Process = _NoStart
+
+    pool = DeadlinePool("nostart", 2)
+    monkeypatch.setattr(pool, "_context", lambda: _Ctx())
+    try:
+        start = time.monotonic()
+        with pytest.raises(PoolStartError, match="daemonic"):
+            pool.run(operator.add, 1, 1, timeout_s=5)
+        assert time.monotonic() - start < 5.0
+        assert pool.warm(wait_s=10) == 0
+        assert time.monotonic() - start < 8.0
+    finally:
+        pool.shutdown()

@@ -42,7 +42,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 __all__ = [
@@ -245,7 +245,6 @@ class PoolStats:
     timed_out: int = 0
     crashed: int = 0
     boot_failures: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 _LIVE_POOLS: "weakref.WeakSet[DeadlinePool]" = weakref.WeakSet()
@@ -347,7 +346,8 @@ class DeadlinePool:
         while time.monotonic() < end:
             with self._lock:
                 ready = sum(1 for w in self._workers if w.ready)
-            if ready >= want:
+                gave_up = self._want_warm == 0 and all(w.ready for w in self._workers)
+            if ready >= want or gave_up:  # gave_up: boots failed MAX_BOOT_FAILURES times in a row
                 return ready
             time.sleep(0.01)
         with self._lock:
@@ -494,9 +494,11 @@ class DeadlinePool:
         booting = sum(1 for w in self._workers if not w.ready)
         idle = [w for w in self._workers if w.ready and w.task is None]
         need = max(len(self._pending) - len(idle) - booting, self._want_warm - len(self._workers), 0)
+        failures_before = self.stats.boot_failures
         while need > 0 and len(self._workers) < self.max_workers:
             self._start_worker()
             need -= 1
+        start_failed = self.stats.boot_failures > failures_before
         while self._pending and idle:
             task = self._pending[0]
             if task.future.done():  # cancelled while queued
@@ -519,6 +521,8 @@ class DeadlinePool:
             task.future.set_running_or_notify_cancel()
             w.task = task
             w.deadline = time.monotonic() + task.timeout_s
+        if start_failed:
+            return 0.05  # retry soon; PoolStartError after MAX_BOOT_FAILURES in a row
         now = time.monotonic()
         deadlines = [w.deadline for w in self._workers if w.task is not None]
         deadlines += [w.started + BOOT_TIMEOUT_S for w in self._workers if not w.ready]
