@@ -143,6 +143,7 @@ def _topk_lse_bwd_kernel(
         cols = start + offs
         inb = cols < V
         s = tl.load(x_row + cols, mask=inb, other=0.0).to(tl.float32) * inv_t
+        s = tl.maximum(s, lse - 1.0e4)  # -inf logits: p = 0 and gH * s stays finite
         p = tl.exp(s - lse)
         hit = cols < 0
         gsum = tl.zeros([BLOCK_V], dtype=tl.float32)

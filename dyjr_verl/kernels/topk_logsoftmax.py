@@ -348,6 +348,8 @@ def _torch_backward(src, ids, lse, A, B, g_h, corr, chunk: int, row_block: int) 
         for r0 in range(0, n, row_block):
             r1 = min(r0 + row_block, n)
             s = src.block(r0, r1, c0, c1)
+            # -inf logits: p = 0 there; keep s finite so that p * (... - gH * s) is 0, not NaN
+            torch.maximum(s, lse[r0:r1, None] + _D_FLOOR, out=s)
             p = torch.sub(s, lse[r0:r1, None]).exp_()
             if g_h is not None:
                 c = s.mul_(-g_h[r0:r1, None]).add_(AB[r0:r1, None])
