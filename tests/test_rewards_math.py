@@ -159,6 +159,19 @@ def test_bad_options_raise(kwargs: dict, message: str) -> None:
         mr.compute_score("x", "\\boxed{1}", "1", **kwargs)
 
 
+def test_string_fallback_when_math_verify_finds_nothing() -> None:
+    assert mr._finish(("\\text{abc}",), "abc", True, "unparsed")["status"] == "correct"
+    assert mr._finish(("abc",), "abd", True, "unparsed")["status"] == "wrong"
+
+
+@pytest.mark.parametrize("value", ["false", "False", 0, "true", True])
+def test_fast_path_accepts_override_strings(value) -> None:
+    # a verbatim match is decided in-process; with the fast path off it goes through Math-Verify (same verdict)
+    assert mr.compute_score("x", "\\boxed{7}", "7", fast_path=value)["score"] == 1.0
+    with pytest.raises(ValueError, match="fast_path"):
+        mr.compute_score("x", "\\boxed{7}", "7", fast_path="maybe")
+
+
 @pytest.mark.parametrize("gold", [None, "", "  "])
 def test_bad_ground_truth_raises(gold) -> None:
     with pytest.raises(ValueError, match="ground_truth"):

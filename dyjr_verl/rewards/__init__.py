@@ -14,10 +14,21 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["deadline", "math", "sql"]
+__all__ = ["deadline", "math", "sql", "bool_option"]
+
+
+def bool_option(name: str, value: Any) -> bool:
+    """A boolean reward kwarg; also accepts the strings that Hydra/CLI overrides can produce."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{name} must be a boolean, got {value!r}")
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
+    if name in ("deadline", "math", "sql"):
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

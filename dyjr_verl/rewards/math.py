@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Iterable, Sequence
 
+from dyjr_verl.rewards import bool_option
 from dyjr_verl.rewards.deadline import (
     DeadlineExceeded,
     DeadlinePool,
@@ -256,17 +257,19 @@ def _parse_cached(answer: str) -> tuple[Any, ...]:
 
 
 def _verify_in_worker(golds: tuple[str, ...], pred: str) -> str:
-    """``"correct"`` | ``"wrong"`` | ``"unparsed"``; gold first, as Math-Verify requires."""
+    """``"correct"`` | ``"wrong"`` | ``"unparsed"`` (nothing parseable); gold first, as Math-Verify requires."""
     from math_verify import verify
 
     parsed_pred = list(_parse_cached(pred))
     if not parsed_pred:
         return "unparsed"
+    any_gold = False
     for gold in golds:
         parsed_gold = list(_parse_cached(gold))
+        any_gold = any_gold or bool(parsed_gold)
         if parsed_gold and verify(parsed_gold, parsed_pred, timeout_seconds=None):
             return "correct"
-    return "wrong"
+    return "wrong" if any_gold else "unparsed"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,7 +341,7 @@ def _options(kwargs: dict[str, Any]) -> _Options:
     bad = [m for m in modes if m not in EXTRACT_MODES]
     if not modes or bad:
         raise ValueError(f"extract must be a non-empty subset of {EXTRACT_MODES}, got {modes!r}")
-    return _Options(timeout_s, modes, bool(kwargs.get("fast_path", True)))
+    return _Options(timeout_s, modes, bool_option("fast_path", kwargs.get("fast_path", True)))
 
 
 def _golds(ground_truth: Any) -> tuple[str, ...]:
@@ -393,9 +396,11 @@ def _prepare(solution_str: Any, ground_truth: Any, opts: _Options) -> tuple[dict
     return None, (golds, pred)
 
 
-def _finish(pred: str, ok: bool, value: Any) -> dict[str, Any]:
+def _finish(golds: tuple[str, ...], pred: str, ok: bool, value: Any) -> dict[str, Any]:
     if ok:
-        # "unparsed": Math-Verify found no expression; the normalised string match already failed.
+        if value == "unparsed":  # Math-Verify found nothing to compare: normalised string match decides
+            same = any(normalize_answer(g) == normalize_answer(pred) for g in golds)
+            return _result("correct" if same else "wrong", pred)
         return _result("correct" if value == "correct" else "wrong", pred)
     if isinstance(value, DeadlineExceeded):
         return _result("timeout", pred, timeout=True)
@@ -426,8 +431,8 @@ def compute_score(
     except PoolStartError:
         raise  # broken environment: fail loudly rather than score everything 0
     except Exception as exc:  # noqa: BLE001 - DeadlineExceeded, WorkerCrashed, worker exceptions
-        return _finish(pred, False, exc)
-    return _finish(pred, True, value)
+        return _finish(golds, pred, False, exc)
+    return _finish(golds, pred, True, value)
 
 
 async def compute_score_async(
@@ -447,8 +452,8 @@ async def compute_score_async(
     except PoolStartError:
         raise
     except Exception as exc:  # noqa: BLE001
-        return _finish(pred, False, exc)
-    return _finish(pred, True, value)
+        return _finish(golds, pred, False, exc)
+    return _finish(golds, pred, True, value)
 
 
 def compute_score_batch(
@@ -474,10 +479,10 @@ def compute_score_batch(
     if jobs:
         pool = get_pool()
         futures = [pool.submit(_verify_in_worker, golds, pred, timeout_s=opts.timeout_s) for _, golds, pred in jobs]
-        for (i, _, pred), fut in zip(jobs, futures):
+        for (i, golds, pred), fut in zip(jobs, futures):
             exc = fut.exception()
             if isinstance(exc, PoolStartError):
                 raise exc
-            results[i] = _finish(pred, exc is None, fut.result() if exc is None else exc)
+            results[i] = _finish(golds, pred, exc is None, fut.result() if exc is None else exc)
     assert all(r is not None for r in results)
     return results  # type: ignore[return-value]

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from dyjr_verl.rewards import bool_option
 from dyjr_verl.rewards.deadline import DeadlineExceeded, DeadlinePool, PoolStartError, default_worker_count
 
 __all__ = [
@@ -561,8 +562,8 @@ def _options(kwargs: dict[str, Any]) -> _Options:
         gold_timeout_s=_positive("gold_timeout_s", kwargs.get("gold_timeout_s", DEFAULT_GOLD_TIMEOUT_S)),
         max_rows=int(_positive("max_rows", kwargs.get("max_rows", DEFAULT_MAX_ROWS))),
         db_root=kwargs.get("db_root"),
-        use_gold_cache=bool(kwargs.get("gold_cache", True)),
-        soft_deadline=bool(kwargs.get("soft_deadline", True)),
+        use_gold_cache=bool_option("gold_cache", kwargs.get("gold_cache", True)),
+        soft_deadline=bool_option("soft_deadline", kwargs.get("soft_deadline", True)),
         scores=scores,
     )
 
