@@ -94,6 +94,10 @@ def _gold_rows(root: Path, row: dict) -> list[tuple]:
         ("SELECT a FROM t\nUNION\nSELECT b FROM u", "SELECT a FROM t\nUNION\nSELECT b FROM u"),
         ("Query:\nSELECT 1\n\nThat returns one row.", "SELECT 1"),
         ("Use `SELECT count(*) FROM singer` here.", "SELECT count(*) FROM singer"),
+        ("SELECT name FROM singer\nThis returns every name.", "SELECT name FROM singer"),
+        ("Query:\nSELECT name\nFROM singer\nWHERE age > 3\nThat's all.", "SELECT name\nFROM singer\nWHERE age > 3"),
+        ("<answer>The query is:\nSELECT 9</answer>", "SELECT 9"),
+        ("<answer>DROP TABLE t</answer>", "DROP TABLE t"),
         ("I cannot answer this.", None),
         ("", None),
         ("<answer></answer>", None),
@@ -153,6 +157,10 @@ def test_every_spider_gold_scores_one_against_itself(spider_root: Path, spider_d
     tagged = sr.compute_score_batch(None, [f"<answer>{g}</answer>" for g in golds], golds, infos, db_root=str(spider_root))
     assert all(o["status"] == "correct" for o in tagged)
     assert sr.gold_cache_stats()["hits"] - before == 461
+    prose = [f"The tables are joined on their keys.\nQuery:\n{g}\nThis returns the requested rows." for g in golds]
+    assert [sr.extract_sql(p) for p in prose] == [g.strip() for g in golds]
+    bare = sr.compute_score_batch(None, prose, golds, infos, db_root=str(spider_root))
+    assert all(o["status"] == "correct" for o in bare)
 
 
 def test_every_spider_gold_scores_zero_against_a_perturbation(spider_root: Path, spider_dev: list[dict]) -> None:

@@ -229,8 +229,35 @@ def _last_statement(text: str) -> str | None:
         tries += 1
         end = _statement_end(text, start)
         if end is not None:
-            return text[start:end]
+            return _trim_trailing_prose(text[start:end])
     return None
+
+
+def _parses(sql: str) -> bool:
+    import sqlglot
+    from sqlglot.errors import SqlglotError
+
+    try:
+        return sqlglot.parse_one(sql, read="sqlite") is not None
+    except (SqlglotError, ValueError, RecursionError):
+        return False
+
+
+def _trim_trailing_prose(stmt: str, max_lines: int = 40) -> str:
+    """Drop trailing lines of prose after a bare statement ("SELECT ...\nThis returns ..."): the longest
+    line prefix that sqlglot parses; the statement unchanged if none does (SQLite then reports the error)."""
+    lines = stmt.rstrip().split("\n")
+    if len(lines) == 1 or len(lines) > max_lines or _parses(stmt):
+        return stmt
+    for k in range(len(lines) - 1, 0, -1):
+        prefix = "\n".join(lines[:k])
+        if _parses(prefix):
+            return prefix
+    return stmt
+
+
+_SQL_START_RE = re.compile(r"(?i)\s*(?:select|with|insert|update|delete|replace|create|drop|alter|attach|detach|"
+                           r"pragma|vacuum|reindex|analyze|begin|savepoint|explain|values)\b")
 
 
 def _clean_sql(sql: str) -> str:
@@ -241,13 +268,16 @@ def _clean_sql(sql: str) -> str:
 
 
 def extract_sql(text: str) -> str | None:
-    """The predicted SQL: last ``<answer>``/``<solution>`` element (a fenced block inside it wins),
-    else the last ```` ```sql ```` block, else the last top-level SELECT/WITH statement; ``None`` if none."""
+    """The predicted SQL: last ``<answer>``/``<solution>`` element (a fenced block inside it wins, prose
+    around a bare query is dropped), else the last ```` ```sql ```` block, else the last top-level
+    SELECT/WITH statement in the text (trailing prose lines trimmed with sqlglot); ``None`` if none."""
     if not text:
         return None
     tagged = _last_tag(text)
     if tagged is not None:
         inner = _last_fence(tagged)
+        if inner is None and not _SQL_START_RE.match(tagged):  # prose around a bare query
+            inner = _last_statement(tagged)
         sql = _clean_sql(inner if inner is not None else tagged)
         return sql or None
     fenced = _last_fence(text)
