@@ -467,3 +467,15 @@ def test_build_spider_sqlite(shared_data: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="bad.sql"):
         sr.build_spider_sqlite(bad, tmp_path / "bad.sqlite")
     assert not (tmp_path / "bad.sqlite").exists()
+
+
+def test_invalid_utf8_text_does_not_break_gold_or_prediction(tmp_path: Path) -> None:
+    db = tmp_path / "u.sqlite"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE t (x TEXT)")
+    conn.execute("INSERT INTO t VALUES (CAST(x'ff41' AS TEXT))")
+    conn.commit()
+    conn.close()
+    info = {"db_path": str(db)}
+    assert sr.compute_score(None, _fence("SELECT x FROM t"), "SELECT x FROM t", info)["status"] == "correct"
+    assert sr.compute_score(None, _fence("SELECT 'A'"), "SELECT x FROM t", info)["status"] == "wrong"

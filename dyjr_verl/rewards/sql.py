@@ -315,6 +315,8 @@ def open_readonly(db_path: str | os.PathLike[str]) -> sqlite3.Connection:
     conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
     conn.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, MAX_SQL_CHARS)
     conn.set_authorizer(_authorizer)
+    # Invalid UTF-8 in a TEXT value would otherwise fail the whole query (gold included).
+    conn.text_factory = lambda b: b.decode("utf-8", "replace")
     return conn
 
 
@@ -642,7 +644,8 @@ class _Job:
 def _prepare(solution_str: Any, ground_truth: Any, extra_info: Any, opts: _Options) -> tuple[dict[str, Any] | None, _Job | None]:
     if not isinstance(ground_truth, str) or not ground_truth.strip():
         raise ValueError(f"ground_truth must be the gold SQL string, got {ground_truth!r}")
-    db_path = resolve_db_path(extra_info, opts.db_root)
+    # absolute: the fork server's working directory may differ from ours
+    db_path = os.path.abspath(resolve_db_path(extra_info, opts.db_root))
     pred = extract_sql("" if solution_str is None else str(solution_str))
     if pred is None:
         return _result("format_error", "", opts), None
