@@ -421,3 +421,22 @@ def test_pool_reports_process_start_failures(monkeypatch: pytest.MonkeyPatch) ->
         assert time.monotonic() - start < 8.0
     finally:
         pool.shutdown()
+
+
+@pytest.mark.parametrize("name", ["compute_score", "compute_score_async"])
+def test_loads_through_verls_custom_reward_loader(name: str) -> None:
+    """verl 0.9.1's own loader (pkg:// path, reward_kwargs merged, async detected) accepts both entry points."""
+    import inspect
+
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    cfg = OmegaConf.create({"reward": {"custom_reward_function": {
+        "path": "pkg://dyjr_verl.rewards.math", "name": name, "reward_kwargs": {"timeout_s": 3.0}}}})
+    fn = get_custom_reward_fn(cfg)
+    assert inspect.iscoroutinefunction(fn) == (name == "compute_score_async")
+    out = fn(data_source="math500", solution_str="\\boxed{\\frac12}", ground_truth="0.5",
+             extra_info={"num_turns": 1, "rollout_reward_scores": {}})
+    if inspect.isawaitable(out):
+        out = asyncio.run(out)
+    assert out["score"] == 1.0 and set(out) == RESULT_KEYS

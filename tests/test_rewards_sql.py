@@ -479,3 +479,16 @@ def test_invalid_utf8_text_does_not_break_gold_or_prediction(tmp_path: Path) -> 
     info = {"db_path": str(db)}
     assert sr.compute_score(None, _fence("SELECT x FROM t"), "SELECT x FROM t", info)["status"] == "correct"
     assert sr.compute_score(None, _fence("SELECT 'A'"), "SELECT x FROM t", info)["status"] == "wrong"
+
+
+def test_loads_through_verls_custom_reward_loader(spider_root: Path) -> None:
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    cfg = OmegaConf.create({"reward": {"custom_reward_function": {
+        "path": "pkg://dyjr_verl.rewards.sql", "name": "compute_score", "reward_kwargs": {"db_root": str(spider_root)}}}})
+    fn = get_custom_reward_fn(cfg)
+    gold = "SELECT count(*) FROM singer"
+    out = fn(data_source="spider", solution_str=_fence(gold), ground_truth=gold,
+             extra_info={"db_id": "concert_singer", "num_turns": 1, "rollout_reward_scores": {}})
+    assert out["status"] == "correct" and set(out) == RESULT_KEYS
