@@ -24,7 +24,6 @@ Design, and why:
 from __future__ import annotations
 
 import functools
-import os
 import re
 import threading
 from dataclasses import dataclass
