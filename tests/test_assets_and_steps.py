@@ -64,8 +64,11 @@ def test_step_parser_reads_verl_console_lines():
     log = [
         "\x1b[36m(TaskRunnerV1 pid=1)\x1b[0m step:1 - actor/pg_loss:-0.5 - critic/score/mean:0.25 - note:abc",
         "noise",
-        "(TaskRunnerV1 pid=1) step:2 - actor/pg_loss:0.1 - critic/score/mean:0.5",
+        "(TaskRunnerV1 pid=1) step:2 - actor/pg_loss:0.1 - critic/score/mean:0.5 - val-core/x/acc/mean@1:np.float64(0.75)",
     ]
     steps = parse_log(log)
-    assert steps == {1: {"actor/pg_loss": -0.5, "critic/score/mean": 0.25}, 2: {"actor/pg_loss": 0.1, "critic/score/mean": 0.5}}
+    assert steps == {
+        1: {"actor/pg_loss": -0.5, "critic/score/mean": 0.25},
+        2: {"actor/pg_loss": 0.1, "critic/score/mean": 0.5, "val-core/x/acc/mean@1": 0.75},
+    }
     assert "| 2 | 0.5 | 0.1 |" in table(steps, ["critic/score/mean", "actor/pg_loss"])

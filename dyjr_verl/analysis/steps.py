@@ -15,6 +15,7 @@ from typing import Iterable
 
 _STEP = re.compile(r"(?:^|\s)step:(\d+) - (.*)$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_NUMPY_SCALAR = re.compile(r"^np\.\w+\((.*)\)$")
 # lines worth showing besides the step metrics: our start-up errors, verl's fatal errors, the end
 _IMPORTANT = re.compile(r"^dyjr-verl: error|Error executing job|^\w*Error: |RayTaskError|Final validation metrics|Training Progress: 100%")
 
@@ -41,6 +42,7 @@ def parse_line(line: str) -> tuple[int, dict[str, float]] | None:
         key, sep, value = item.rpartition(":")
         if not sep:
             continue
+        value = _NUMPY_SCALAR.sub(r"\1", value.strip())  # pprint shows numpy scalars as np.float64(0.5)
         try:
             metrics[key.strip()] = float(value)
         except ValueError:
