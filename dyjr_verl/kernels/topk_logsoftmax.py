@@ -29,7 +29,7 @@ input gradient block by block::
     A = g_lse - sum_i g_logp_i - g_rest + gH * (lse - H),   B = g_rest / rest,   dL/dz = dL/ds / T
 
 so the only ``[N, V]`` tensor ever allocated is the gradient itself (in the logits' dtype); block
-temporaries are bounded by ``block_elems`` (default ``clamp(N*V/64, 2^16, 2^23)`` elements, i.e. about
+temporaries are bounded by ``block_elems`` (default ``clamp(N*V/64, 2^18, 2^23)`` elements, i.e. about
 2 fp32 words + 1 byte per element of that block).
 
 Backends (same API, same outputs):
@@ -92,9 +92,9 @@ def _empty(shape, *, device, dtype) -> torch.Tensor:
 
 def default_block_elems(rows: int, vocab: int) -> int:
     """Elements per ``[rows, chunk]`` block: small against the whole problem (<= 1/64 of it, so the
-    fp32 block temporaries stay a few percent of a bf16 logits tensor), but at least 2^16 so the
-    per-block overhead stays small, and at most 2^23."""
-    return int(min(1 << 23, max(1 << 16, (rows * vocab) // 64)))
+    fp32 block temporaries stay a few percent of a bf16 logits tensor), but at least 2^18 so the
+    per-block overhead (op launches, thread-pool barriers on CPU) stays small, and at most 2^23."""
+    return int(min(1 << 23, max(1 << 18, (rows * vocab) // 64)))
 
 
 def triton_available() -> bool:

@@ -72,6 +72,9 @@ __all__ = [
     "TOPK_LOG_REST_KEY",
     "TOPK_JSD_KEY",
     "TOPK_MASS_KEY",
+    "TOPK_RECORD_FLAG",
+    "TOPK_RECORD_PREFIX",
+    "record_from_model_output",
     "TopKRecord",
     "build_topk_record",
     "record_from_topk_logprobs",
@@ -101,6 +104,9 @@ TOPK_LOG_REST_KEY = "dyjr_topk_log_rest"  # bf16/fp32 (B, T_resp)
 # model_output keys produced by the logits processor (per packed position, (1, nnz_local))
 TOPK_JSD_KEY = "dyjr_topk_jsd"
 TOPK_MASS_KEY = "dyjr_topk_cur_mass"
+# record pass: non-tensor micro-batch flag (int k > 0) and the per-token output keys
+TOPK_RECORD_FLAG = "dyjr_topk_record_k"
+TOPK_RECORD_PREFIX = "dyjr_topk_rec_"
 
 
 class TopKRecord(NamedTuple):
@@ -364,6 +370,44 @@ def _prompt_response_lengths(data) -> tuple[torch.Tensor, torch.Tensor]:
     return am[:, :p].sum(dim=1), am[:, p:].sum(dim=1)
 
 
+def _non_tensor(data, key: str, default: Any) -> Any:
+    try:
+        from verl.utils import tensordict_utils as tu
+
+        return tu.get_non_tensor_data(data=data, key=key, default=default)
+    except Exception:
+        return default
+
+
+@torch.no_grad()
+def _record_outputs(logits: torch.Tensor, k: int, backend: str) -> dict[str, torch.Tensor]:
+    """Record pass: the top-k record of every packed position, as 2k+1 per-token outputs."""
+    rec = build_topk_record(logits.detach(), k, dtype=torch.float32, backend=backend)
+    out = {f"{TOPK_RECORD_PREFIX}id{i}": rec.ids[:, i].long()[None] for i in range(k)}
+    out.update({f"{TOPK_RECORD_PREFIX}logp{i}": rec.logp[:, i][None] for i in range(k)})
+    out[f"{TOPK_RECORD_PREFIX}log_rest"] = rec.log_rest[None]
+    return out
+
+
+def record_from_model_output(model_output, data, k: int, *, dtype: torch.dtype = torch.bfloat16) -> TopKRecord:
+    """Driver side of the record pass: the response-aligned record ``(B, T_resp, k)`` from the
+    per-token outputs of a forward pass run with the non-tensor flag ``TOPK_RECORD_FLAG = k`` (and
+    ``distillation_use_topk=True``, ``compute_loss=True``). ``model_output`` maps the
+    ``TOPK_RECORD_PREFIX*`` keys to full-sequence jagged tensors (as the engine returns them);
+    ``data`` carries ``prompts`` / ``responses`` (and ``attention_mask`` when not jagged)."""
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    def get(name: str) -> torch.Tensor:
+        key = f"{TOPK_RECORD_PREFIX}{name}"
+        if key not in model_output.keys():
+            raise KeyError(f"model output has no '{key}': was the forward run with {TOPK_RECORD_FLAG}={k}?")
+        return no_padding_2_padding(model_output[key], data)
+
+    ids = torch.stack([get(f"id{i}") for i in range(k)], dim=-1).to(torch.int32)
+    logp = torch.stack([get(f"logp{i}") for i in range(k)], dim=-1).to(dtype)
+    return TopKRecord(ids, logp, get("log_rest").to(dtype))
+
+
 def topk_js_logits_processor(student_logits: torch.Tensor, data, *, backend: str = "auto") -> dict[str, torch.Tensor]:
     """The FSDP engine's logits-processor call: per packed position JSD(P, Q) on replay rows'
     response tokens (0 elsewhere; nothing is computed there).
@@ -379,10 +423,18 @@ def topk_js_logits_processor(student_logits: torch.Tensor, data, *, backend: str
     :data:`TOPK_LOGP_KEY` ((B, T_resp, k)), :data:`TOPK_LOG_REST_KEY` ((B, T_resp)), dense padded
     or jagged. Returns ``{TOPK_JSD_KEY: (1, nnz_local) with grad, TOPK_MASS_KEY: (1, nnz_local)
     detached current mass on the stored ids}``.
+
+    Record pass: when the non-tensor flag :data:`TOPK_RECORD_FLAG` is an int k > 0, returns instead
+    the top-k record of *every* packed position (no gradient) as 2k+1 per-token outputs
+    ``TOPK_RECORD_PREFIX + id{i} / logp{i} / log_rest``; :func:`record_from_model_output` turns them
+    into the response-aligned record on the driver.
     """
     logits = student_logits.reshape(-1, student_logits.shape[-1])
     n_local = logits.shape[0]
     device = logits.device
+    record_k = int(_non_tensor(data, TOPK_RECORD_FLAG, 0) or 0)
+    if record_k > 0:
+        return _record_outputs(logits, record_k, backend)
     zeros = torch.zeros(n_local, device=device, dtype=torch.float32)
     bsz = int(data.batch_size[0])
     if REPLAY_MASK_KEY not in data.keys():
@@ -475,6 +527,8 @@ def topk_js_replay_loss(
     """
     if student_logits is not None:
         return topk_js_logits_processor(student_logits, data, backend=backend)
+    if int(_non_tensor(data, TOPK_RECORD_FLAG, 0) or 0) > 0:  # record pass: outputs only, no loss
+        return torch.zeros((), device=_any_device(model_output)), {}
     if spec.kind != TOPK_JS_TERM:
         raise ValueError(f"topk_js_replay_loss needs spec.kind={TOPK_JS_TERM!r}, got {spec.kind!r}")
     from verl.workers.utils.padding import no_padding_2_padding
@@ -501,6 +555,13 @@ def topk_js_replay_loss(
     if mass is not None and padded is not None:
         metrics[f"{spec.metric_prefix}topk_cur_mass"] = _mass_metric(mass, data)
     return loss, metrics
+
+
+def _any_device(model_output) -> torch.device:
+    for v in (model_output.values() if hasattr(model_output, "values") else []):
+        if isinstance(v, torch.Tensor):
+            return v.device
+    return torch.device("cpu")
 
 
 def _mass_metric(mass, data):
