@@ -275,8 +275,19 @@ def _verify_in_worker(golds: tuple[str, ...], pred: str) -> str:
 # pool management
 
 # Import Math-Verify (sympy, antlr: ~1 s) once in the fork server, so that replacing a killed worker
-# costs a fork, whichever pool happens to start the server first. Nothing is imported here.
-register_preload("math_verify")
+# costs a fork, whichever pool happens to start the server first. Nothing is imported here. The sympy
+# modules are the ones Math-Verify imports lazily during its first comparisons (units, sets, groups).
+_MATH_PRELOAD = (
+    "math_verify",
+    "sympy.physics.units",
+    "sympy.combinatorics",
+    "sympy.tensor.tensor",
+    "sympy.sets.setexpr",
+    "sympy.sets.handlers.issubset",
+    "sympy.assumptions.wrapper",
+    "antlr4.LL1Analyzer",
+)
+register_preload(*_MATH_PRELOAD)
 
 _pool: DeadlinePool | None = None
 _pool_lock = threading.Lock()
@@ -307,7 +318,7 @@ def get_pool() -> DeadlinePool:
                 "math-verify",
                 _pool_settings.get("max_workers") or default_worker_count(),
                 start_method=_pool_settings.get("start_method"),
-                preload=("math_verify",),
+                preload=_MATH_PRELOAD,
                 memory_limit_mb=_pool_settings.get("memory_limit_mb", 2048),
                 initializer=_warm_worker,
             )
