@@ -29,7 +29,7 @@ input gradient block by block::
     A = g_lse - sum_i g_logp_i - g_rest + gH * (lse - H),   B = g_rest / rest,   dL/dz = dL/ds / T
 
 so the only ``[N, V]`` tensor ever allocated is the gradient itself (in the logits' dtype); block
-temporaries are bounded by ``block_elems`` (default ``clamp(N*V/64, 2^18, 2^23)`` elements, i.e. about
+temporaries are bounded by ``block_elems`` (default ``clamp(N*V/128, 2^18, 2^23)`` elements, i.e. about
 2 fp32 words + 1 byte per element of that block).
 
 Backends (same API, same outputs):
@@ -91,10 +91,10 @@ def _empty(shape, *, device, dtype) -> torch.Tensor:
 
 
 def default_block_elems(rows: int, vocab: int) -> int:
-    """Elements per ``[rows, chunk]`` block: small against the whole problem (<= 1/64 of it, so the
+    """Elements per ``[rows, chunk]`` block: small against the whole problem (<= 1/128 of it, so the
     fp32 block temporaries stay a few percent of a bf16 logits tensor), but at least 2^18 so the
     per-block overhead (op launches, thread-pool barriers on CPU) stays small, and at most 2^23."""
-    return int(min(1 << 23, max(1 << 18, (rows * vocab) // 64)))
+    return int(min(1 << 23, max(1 << 18, (rows * vocab) // 128)))
 
 
 def triton_available() -> bool:
@@ -148,12 +148,15 @@ class _LogitsSource:
         self.cdtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         self.grad: Optional[torch.Tensor] = None
 
-    def block(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+    def block(self, r0: int, r1: int, c0: int, c1: int, ws: Optional["_Workspace"] = None) -> torch.Tensor:
         if self.rows is None:
             src = self.x[r0:r1, c0:c1]
         else:
             src = self.x[:, c0:c1].index_select(0, self.rows[r0:r1])
-        s = src.to(self.cdtype, copy=True)  # always a fresh, writable tensor
+        if ws is None:
+            s = src.to(self.cdtype, copy=True)  # always a fresh, writable tensor
+        else:
+            s = ws.view(0, r1 - r0, c1 - c0).copy_(src)
         if self.inv_t != 1.0:
             s.mul_(self.inv_t)
         return s
@@ -200,7 +203,7 @@ class _HiddenSource:
         h = self.h[r0:r1] if self.rows is None else self.h.index_select(0, self.rows[r0:r1])
         return h.to(self.mm_dtype)
 
-    def block(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+    def block(self, r0: int, r1: int, c0: int, c1: int, ws: Optional["_Workspace"] = None) -> torch.Tensor:
         z = self._h(r0, r1) @ self.w[c0:c1].to(self.mm_dtype).T  # a fresh tensor
         s = z if z.dtype == self.cdtype else z.to(self.cdtype)
         if self.inv_t != 1.0:
@@ -247,9 +250,28 @@ class _HiddenSource:
 # ----------------------------------------------------------------------------------------------
 
 
-def _hit_mask(loc: torch.Tensor, valid: torch.Tensor, width: int) -> torch.Tensor:
+class _Workspace:
+    """Block buffers allocated once per call (two compute-dtype blocks and one bool block), so
+    the torch backend's temporaries neither grow with the number of blocks nor churn the
+    allocator."""
+
+    def __init__(self, rows: int, cols: int, device, dtype):
+        self.f = [torch.empty(rows * cols, device=device, dtype=dtype) for _ in range(2)]
+        self.b = torch.empty(rows * (cols + 1), device=device, dtype=torch.bool)
+
+    def view(self, i: int, rows: int, cols: int) -> torch.Tensor:
+        return self.f[i][: rows * cols].view(rows, cols)
+
+    def bool_view(self, rows: int, cols: int) -> torch.Tensor:
+        return self.b[: rows * cols].view(rows, cols)
+
+
+def _hit_mask(loc: torch.Tensor, valid: torch.Tensor, width: int, ws: Optional[_Workspace] = None) -> torch.Tensor:
     """[rows, width] bool: True at the columns named by ``loc`` where ``valid``."""
-    hit = torch.zeros((loc.shape[0], width + 1), dtype=torch.bool, device=loc.device)
+    if ws is None:
+        hit = torch.zeros((loc.shape[0], width + 1), dtype=torch.bool, device=loc.device)
+    else:
+        hit = ws.bool_view(loc.shape[0], width + 1).zero_()
     hit.scatter_(1, torch.where(valid, loc, torch.full_like(loc, width)), True)
     return hit[:, :width]
 
@@ -263,12 +285,13 @@ def _torch_forward(src, ids: torch.Tensor, want_entropy: bool, top_r: int, chunk
     E = torch.zeros(n, device=dev, dtype=cd) if want_entropy else None
     sid = _empty((n, k), device=dev, dtype=cd)
     top = torch.full((n, top_r), float("-inf"), device=dev, dtype=cd) if top_r else None
+    ws = _Workspace(min(row_block, n), min(chunk, vocab), dev, cd) if isinstance(src, _LogitsSource) and n else None
     for c0 in range(0, vocab, chunk):
         c1 = min(c0 + chunk, vocab)
         width = c1 - c0
         for r0 in range(0, n, row_block):
             r1 = min(r0 + row_block, n)
-            s = src.block(r0, r1, c0, c1)
+            s = src.block(r0, r1, c0, c1, ws)
             if k:
                 loc = ids[r0:r1] - c0
                 valid = (loc >= 0) & (loc < width)
@@ -281,13 +304,13 @@ def _torch_forward(src, ids: torch.Tensor, want_entropy: bool, top_r: int, chunk
             m_new = torch.maximum(m_old, s.amax(dim=1))
             alpha = torch.exp(m_old - m_new)
             d = s.sub_(m_new[:, None]).clamp_(min=_D_FLOOR)
-            e = torch.exp(d)
+            e = torch.exp(d) if ws is None else torch.exp(d, out=ws.view(1, r1 - r0, width))
             S_old = S[r0:r1].clone()
             S[r0:r1] = S_old * alpha + e.sum(dim=1)
             if E is not None:
                 E[r0:r1] = alpha * (E[r0:r1] + (m_old - m_new) * S_old) + d.mul_(e).sum(dim=1)
             if k:
-                e.masked_fill_(_hit_mask(loc, valid, width), 0.0)
+                e.masked_fill_(_hit_mask(loc, valid, width, ws), 0.0)
                 R[r0:r1] = R[r0:r1] * alpha + e.sum(dim=1)
             m[r0:r1] = m_new
             del s, d, e
@@ -342,15 +365,19 @@ def _torch_backward(src, ids, lse, A, B, g_h, corr, chunk: int, row_block: int) 
     n, vocab = src.n, src.vocab
     src.begin_backward()
     AB = A if B is None else A + B
+    ws = _Workspace(min(row_block, n), min(chunk, vocab), src.device, src.cdtype) if isinstance(src, _LogitsSource) and n else None
     for c0 in range(0, vocab, chunk):
         c1 = min(c0 + chunk, vocab)
         width = c1 - c0
         for r0 in range(0, n, row_block):
             r1 = min(r0 + row_block, n)
-            s = src.block(r0, r1, c0, c1)
+            s = src.block(r0, r1, c0, c1, ws)
             # -inf logits: p = 0 there; keep s finite so that p * (... - gH * s) is 0, not NaN
             torch.maximum(s, lse[r0:r1, None] + _D_FLOOR, out=s)
-            p = torch.sub(s, lse[r0:r1, None]).exp_()
+            if ws is None:
+                p = torch.sub(s, lse[r0:r1, None]).exp_()
+            else:
+                p = torch.sub(s, lse[r0:r1, None], out=ws.view(1, r1 - r0, width)).exp_()
             if g_h is not None:
                 c = s.mul_(-g_h[r0:r1, None]).add_(AB[r0:r1, None])
                 g = p.mul_(c)
