@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import re
 import sqlite3
 import sys
@@ -74,18 +75,21 @@ def loadavg() -> str:
 
 
 def math_inputs() -> tuple[list[str], list[str], list[bool]]:
-    answers = [json.loads(l)["answer"] for l in (SHARED / "math" / "math500.jsonl").read_text().splitlines() if l.strip()]
+    """Each MATH-500 problem twice: its gold boxed, and a wrong answer boxed. Wrong answers come from the
+    MATH train slice (each used once, never equal to the gold), so no answer string repeats within a run
+    and no scorer gets parse-cache hits that real rollouts would not give."""
+    def load(name: str) -> list[str]:
+        rows = (SHARED / "math" / name).read_text().splitlines()
+        return [json.loads(line)["answer"] for line in rows if line.strip()]
+
+    answers, pool = load("math500.jsonl"), load("math_train_2k.jsonl")
+    used = set(answers)
+    wrong_pool = [a for a in dict.fromkeys(pool) if a not in used]
     rng = random.Random(0)
     outputs, golds, correct = [], [], []
     for i, gold in enumerate(answers):
         for right in (True, False):
-            if right:
-                shown = gold
-            else:
-                j = (i + 1) % len(answers)
-                while answers[j] == gold or re.fullmatch(r"[a-z]\s*=\s*" + re.escape(gold), answers[j]):
-                    j = (j + 1) % len(answers)
-                shown = answers[j]
+            shown = gold if right else wrong_pool[i % len(wrong_pool)]
             text = FILLER * rng.randint(3, 8) + f"Therefore, the final answer is $\\boxed{{{shown}}}$."
             outputs.append(text)
             golds.append(gold)
@@ -99,56 +103,108 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
-def bench_math(workers: int) -> dict[str, Any]:
+def _proc_cpu_s(pid: int) -> float:
+    """utime + stime of one process (all threads), from /proc; 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class Measure:
+    """Round-robin repetitions of named runs: wall-clock rate and CPU seconds (this process plus the
+    scorer's worker processes). The CPU figure is what a loaded, shared machine cannot distort."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.wall: dict[str, list[float]] = {}
+        self.cpu: dict[str, list[float]] = {}
+
+    def run(self, name: str, fn: Callable[[], Any], worker_pids: Callable[[], list[int]]) -> Any:
+        pids = worker_pids()
+        cpu0 = time.process_time() + sum(_proc_cpu_s(p) for p in pids)
+        t, out = timed(fn)
+        cpu1 = time.process_time() + sum(_proc_cpu_s(p) for p in pids)
+        self.wall.setdefault(name, []).append(self.n / t)
+        self.cpu.setdefault(name, []).append(cpu1 - cpu0)
+        return out
+
+    def rate(self, name: str) -> float:
+        return statistics.median(self.wall[name])
+
+    def spread(self, name: str) -> str:
+        return f"{min(self.wall[name]):.0f}–{max(self.wall[name]):.0f}"
+
+    def per_cpu_s(self, name: str) -> float:
+        """Samples per CPU-second (median over rounds)."""
+        return statistics.median(self.n / c for c in self.cpu[name] if c > 0)
+
+
+def bench_math(workers: int, rounds: int) -> dict[str, Any]:
     from dyjr_verl.rewards import math as mr
     from verl.utils.reward_score import math_verify as verl_mv
 
     outputs, golds, correct = math_inputs()
     n = len(outputs)
     res: dict[str, Any] = {"n": n}
-
-    def fresh_pool() -> None:
-        """Restart the workers so no run benefits from parse caches filled by the previous one."""
-        mr.configure_pool(max_workers=workers)
-        mr.get_pool().warm()
+    meas = Measure(n)
 
     mr.configure_pool(max_workers=workers)
     res["ours_cold_start_s"], _ = timed(lambda: mr.compute_score("x", "\\boxed{\\frac12}", "0.5"))
+    res["verl_cold_start_s"], _ = timed(lambda: verl_mv.compute_score("\\boxed{1}", "1"))
 
-    def ours_seq(**kw: Any) -> list[dict]:
-        return [mr.compute_score("math500", o, g, **kw) for o, g in zip(outputs, golds)]
+    def ours_pids() -> list[int]:
+        # restart the workers so that no run benefits from parse caches filled by the previous one
+        mr.configure_pool(max_workers=workers)
+        mr.get_pool().warm()
+        return [w.process.pid for w in mr.get_pool()._workers]
 
-    fresh_pool()
-    t, ours = timed(ours_seq)
-    res["ours_seq"] = n / t
-    fresh_pool()
-    t, ours_batch = timed(lambda: mr.compute_score_batch(None, outputs, golds))
-    res["ours_batch"] = n / t
-    fresh_pool()
-    with ThreadPoolExecutor(8) as ex:
-        t, _ = timed(lambda: list(ex.map(lambda a: mr.compute_score("math500", *a), zip(outputs, golds))))
-    res["ours_threads8"] = n / t
-    fresh_pool()
-    t, ours_slow = timed(lambda: mr.compute_score_batch(None, outputs, golds, fast_path=False))
-    res["ours_batch_no_fast_path"] = n / t
-    fresh_pool()
-    t, _ = timed(lambda: ours_seq(fast_path=False))
-    res["ours_seq_no_fast_path"] = n / t
+    def verl_pids() -> list[int]:
+        # the same for verl: a fresh pool, its 4 workers started and warmed before the clock starts
+        if verl_mv._pool is not None:
+            verl_mv._pool.shutdown(wait=True)
+            verl_mv._pool = None
+        pool = verl_mv._get_pool()
+        list(pool.map(verl_mv._verify_in_subprocess, ["\\boxed{\\frac{1}{2}}"] * 8, ["0.5"] * 8))
+        return list(pool._processes)
+
+    def seq(fn: Callable[..., Any], **kw: Any) -> Callable[[], list[Any]]:
+        return lambda: [fn("math500", o, g, **kw) if fn is mr.compute_score else fn(o, g) for o, g in zip(outputs, golds)]
+
+    def threads(fn: Callable[..., Any]) -> Callable[[], list[Any]]:
+        def go() -> list[Any]:
+            with ThreadPoolExecutor(8) as ex:
+                if fn is mr.compute_score:
+                    return list(ex.map(lambda a: fn("math500", *a), zip(outputs, golds)))
+                return list(ex.map(lambda a: fn(*a), zip(outputs, golds)))
+
+        return go
+
+    runs: list[tuple[str, Callable[[], Any], Callable[[], list[int]]]] = [
+        ("ours_seq", seq(mr.compute_score), ours_pids),
+        ("ours_batch", lambda: mr.compute_score_batch(None, outputs, golds), ours_pids),
+        ("ours_threads8", threads(mr.compute_score), ours_pids),
+        ("ours_seq_no_fast_path", seq(mr.compute_score, fast_path=False), ours_pids),
+        ("ours_batch_no_fast_path", lambda: mr.compute_score_batch(None, outputs, golds, fast_path=False), ours_pids),
+        ("verl_seq", seq(verl_mv.compute_score), verl_pids),
+        ("verl_threads8", threads(verl_mv.compute_score), verl_pids),
+    ]
+    outs: dict[str, Any] = {}
+    for _ in range(rounds):
+        for name, fn, pids in runs:
+            outs[name] = meas.run(name, fn, pids)
+    res["meas"] = meas
     res["ours_fast_path_share"] = sum(
         1 for o, g in zip(outputs, golds) if mr._prepare(o, g, mr._options({}))[0] is not None
     ) / n
 
-    # verl 0.9.1 built-in: spawn ProcessPoolExecutor(4), one future per call, full-output parsing.
-    res["verl_cold_start_s"], _ = timed(lambda: verl_mv.compute_score("\\boxed{1}", "1"))
-    t, verl_scores = timed(lambda: [verl_mv.compute_score(o, g) for o, g in zip(outputs, golds)])
-    res["verl_seq"] = n / t
-    with ThreadPoolExecutor(8) as ex:
-        t, _ = timed(lambda: list(ex.map(lambda a: verl_mv.compute_score(*a), zip(outputs, golds))))
-    res["verl_threads8"] = n / t
-
-    ours_scores = [o["score"] for o in ours]
+    ours_scores = [o["score"] for o in outs["ours_seq"]]
+    verl_scores = outs["verl_seq"]
     res["ours_acc_vs_truth"] = sum((s == 1.0) == c for s, c in zip(ours_scores, correct)) / n
-    res["ours_no_fast_acc_vs_truth"] = sum((o["score"] == 1.0) == c for o, c in zip(ours_slow, correct)) / n
+    res["ours_no_fast_acc_vs_truth"] = sum(
+        (o["score"] == 1.0) == c for o, c in zip(outs["ours_batch_no_fast_path"], correct)
+    ) / n
     res["verl_acc_vs_truth"] = sum((s == 1.0) == c for s, c in zip(verl_scores, correct)) / n
     res["disagreements"] = [
         (golds[i], outputs[i].rsplit("boxed{", 1)[1][:-3], ours_scores[i], verl_scores[i])
@@ -156,11 +212,12 @@ def bench_math(workers: int) -> dict[str, Any]:
         if ours_scores[i] != verl_scores[i]
     ][:10]
     res["n_disagree"] = sum(1 for a, b in zip(ours_scores, verl_scores) if a != b)
-    assert [o["score"] for o in ours_batch] == ours_scores
+    assert [o["score"] for o in outs["ours_batch"]] == ours_scores
+    mr.configure_pool()
     return res
 
 
-def bench_sql(workers: int) -> dict[str, Any]:
+def bench_sql(workers: int, rounds: int) -> dict[str, Any]:
     from dyjr_verl.rewards import sql as sr
 
     rows = [json.loads(l) for l in (SHARED / "spider" / "dev.jsonl").read_text().splitlines() if l.strip()]
@@ -172,7 +229,7 @@ def bench_sql(workers: int) -> dict[str, Any]:
         ]
     )
     responses, golds, infos = [], [], []
-    for i, r in enumerate(rows):
+    for r in rows:
         for right in (True, False):
             pred = r["query"] if right else f"SELECT * FROM ({r['query']}) LIMIT 0"
             responses.append(f"<think>Join the tables.</think>\n```sql\n{pred}\n```")
@@ -184,29 +241,52 @@ def bench_sql(workers: int) -> dict[str, Any]:
     sr.configure_pool(max_workers=workers)
     res["cold_start_s"], _ = timed(lambda: sr.compute_score(None, responses[0], golds[0], infos[0], **kw))
     sr.get_pool().warm()
+    meas = Measure(n)
 
-    sr.clear_gold_cache()
-    t, _ = timed(lambda: sr.compute_score_batch(None, responses, golds, infos, **kw))
-    res["batch_cold_cache"] = n / t
-    t, out = timed(lambda: sr.compute_score_batch(None, responses, golds, infos, **kw))
-    res["batch_cached"] = n / t
-    t, _ = timed(lambda: [sr.compute_score(None, *a, **kw) for a in zip(responses, golds, infos)])
-    res["seq_cached"] = n / t
-    t, _ = timed(lambda: sr.compute_score_batch(None, responses, golds, infos, gold_cache=False, **kw))
-    res["batch_no_cache"] = n / t
-    t, _ = timed(lambda: [sr.compute_score(None, *a, gold_cache=False, **kw) for a in zip(responses, golds, infos)])
-    res["seq_no_cache"] = n / t
+    def pids() -> list[int]:
+        return [w.process.pid for w in sr.get_pool()._workers]
+
+    def cold_batch() -> list[dict]:
+        sr.clear_gold_cache()
+        return sr.compute_score_batch(None, responses, golds, infos, **kw)
+
+    runs: list[tuple[str, Callable[[], Any]]] = [
+        ("batch_cold_cache", cold_batch),
+        ("batch_cached", lambda: sr.compute_score_batch(None, responses, golds, infos, **kw)),
+        ("seq_cached", lambda: [sr.compute_score(None, *a, **kw) for a in zip(responses, golds, infos)]),
+        ("batch_no_cache", lambda: sr.compute_score_batch(None, responses, golds, infos, gold_cache=False, **kw)),
+        ("seq_no_cache", lambda: [sr.compute_score(None, *a, gold_cache=False, **kw) for a in zip(responses, golds, infos)]),
+    ]
+    out: Any = None
+    for _ in range(rounds):
+        for name, fn in runs:
+            out = meas.run(name, fn, pids)
+    res["meas"] = meas
     statuses = [o["status"] for o in out]
     res["statuses"] = {s: statuses.count(s) for s in sorted(set(statuses))}
+    sr.configure_pool()
     return res
 
 
-def render(info: dict[str, str], m: dict[str, Any], s: dict[str, Any], load: tuple[str, str], workers: int) -> str:
+def render(info: dict[str, str], m: dict[str, Any], s: dict[str, Any], load: tuple[str, str], workers: int,
+           rounds: int) -> str:
+    mm: Measure = m["meas"]
+    sm: Measure = s["meas"]
+
+    def mrow(label: str, mode: str, key: str) -> str:
+        return f"| {label} | {mode} | {mm.rate(key):.0f} ({mm.spread(key)}) | {mm.per_cpu_s(key):.0f} |"
+
+    def srow(label: str, mode: str, key: str) -> str:
+        return f"| {label} | {mode} | {sm.rate(key):.0f} ({sm.spread(key)}) | {sm.per_cpu_s(key):.0f} |"
+
     lines = [
         "# Reward throughput",
         "",
-        "Generated by `benchmarks/bench_rewards.py` (last run below). Rates are samples scored per second, after",
-        "pool start-up; the machine is shared, so the load average is recorded before and after.",
+        "Generated by `benchmarks/bench_rewards.py` (last run below). Each configuration ran "
+        f"{rounds} times, round-robin; the",
+        "table gives the median wall-clock rate (min–max in brackets) and samples per CPU-second (calling process",
+        "plus the scorer's worker processes, from /proc). The machine is shared with other heavy jobs, so the",
+        "wall-clock rates move with the load; the per-CPU-second column does not.",
         "",
         "## Machine",
         "",
@@ -215,29 +295,35 @@ def render(info: dict[str, str], m: dict[str, Any], s: dict[str, Any], load: tup
     ]
     lines += [f"| {k} | {v} |" for k, v in info.items()]
     lines += [f"| load average (start / end) | {load[0]} / {load[1]} |", f"| reward pool workers | {workers} |", ""]
+    ours_seq, verl_seq = mm.per_cpu_s("ours_seq"), mm.per_cpu_s("verl_seq")
     lines += [
         "## Math (MATH-500-like outputs)",
         "",
         f"{m['n']} outputs: ~0.5–1.3 KB of reasoning text ending in `\\boxed{{...}}`; half the problem's own gold answer,",
-        "half another problem's different answer. verl's scorer is `verl.utils.reward_score.math_verify.compute_score`",
-        "(0.9.1: Math-Verify on the whole output in a 4-process spawn pool, 30 s timeout).",
+        "half a wrong answer (distinct answers from the MATH train slice, so no wrong answer repeats).",
+        "verl's scorer is `verl.utils.reward_score.math_verify.compute_score`",
+        "(0.9.1: Math-Verify on the whole output in a 4-process spawn pool, 30 s timeout, one call at a time).",
+        "Both scorers get fresh, warmed worker processes before every timed run (no run profits from parse",
+        "caches filled by an earlier one).",
         "",
-        "| scorer | mode | samples/s |",
-        "|---|---|---|",
-        f"| ours (`dyjr_verl.rewards.math`) | sequential calls | {m['ours_seq']:.0f} |",
-        f"| ours | `compute_score_batch` | {m['ours_batch']:.0f} |",
-        f"| ours | 8 threads | {m['ours_threads8']:.0f} |",
-        f"| ours, `fast_path=False` (every sample through Math-Verify) | sequential calls | {m['ours_seq_no_fast_path']:.0f} |",
-        f"| ours, `fast_path=False` | `compute_score_batch` | {m['ours_batch_no_fast_path']:.0f} |",
-        f"| verl built-in `math_verify` | sequential calls | {m['verl_seq']:.0f} |",
-        f"| verl built-in `math_verify` | 8 threads | {m['verl_threads8']:.0f} |",
+        "| scorer | mode | samples/s, wall | samples per CPU-s |",
+        "|---|---|---|---|",
+        mrow("ours (`dyjr_verl.rewards.math`)", "sequential calls", "ours_seq"),
+        mrow("ours", "`compute_score_batch`", "ours_batch"),
+        mrow("ours", "8 threads", "ours_threads8"),
+        mrow("ours, `fast_path=False` (every sample through Math-Verify)", "sequential calls", "ours_seq_no_fast_path"),
+        mrow("ours, `fast_path=False`", "`compute_score_batch`", "ours_batch_no_fast_path"),
+        mrow("verl built-in `math_verify`", "sequential calls", "verl_seq"),
+        mrow("verl built-in `math_verify`", "8 threads", "verl_threads8"),
         "",
-        f"- Ratio, sequential: ours / verl = **{m['ours_seq'] / m['verl_seq']:.1f}x**; "
-        f"every sample through Math-Verify: {m['ours_seq_no_fast_path'] / m['verl_seq']:.1f}x; "
-        f"batch vs verl 8 threads: {m['ours_batch'] / m['verl_threads8']:.1f}x.",
+        f"- Ours vs verl, sequential: {mm.rate('ours_seq') / mm.rate('verl_seq'):.1f}x wall-clock, "
+        f"**{ours_seq / verl_seq:.1f}x per CPU-second**; every sample through Math-Verify: "
+        f"{mm.per_cpu_s('ours_seq_no_fast_path') / verl_seq:.1f}x per CPU-second.",
         f"- {100 * m['ours_fast_path_share']:.0f}% of these samples are decided in-process (equal normalised strings or",
-        "  plain numbers); the rest go to the Math-Verify pool. Real rollouts have fewer verbatim-correct answers, so",
-        "  the `fast_path=False` rows are the conservative figure.",
+        "  plain numbers). The rest go to the Math-Verify pool and dominate the cost (the wrong non-integer answers);",
+        "  real rollouts have fewer verbatim-correct answers, so the `fast_path=False` rows are the conservative figure.",
+        "- Goal \u2265 200 samples/s on 2 cores: the per-CPU-second column is the rate one fully available core sustains;",
+        "  the batch and threaded modes keep both workers busy.",
         f"- Cold start (first call, workers booting): ours {m['ours_cold_start_s']:.2f} s, verl {m['verl_cold_start_s']:.2f} s.",
         f"- Agreement with the construction (correct iff the gold was boxed): ours {100 * m['ours_acc_vs_truth']:.1f}%,",
         f"  ours without fast path {100 * m['ours_no_fast_acc_vs_truth']:.1f}%, verl {100 * m['verl_acc_vs_truth']:.1f}%;"
@@ -254,16 +340,16 @@ def render(info: dict[str, str], m: dict[str, Any], s: dict[str, Any], load: tup
         "(wrong, except for the 14 golds whose result is empty), in a ```sql fence. Every sample executes the",
         "prediction in the sandboxed pool; without the cache the gold is executed too (two executions per sample).",
         "",
-        "| gold results | mode | executions/s (samples/s) |",
-        "|---|---|---|",
-        f"| cached | `compute_score_batch` | {s['batch_cached']:.0f} |",
-        f"| cached | sequential calls | {s['seq_cached']:.0f} |",
-        f"| cache empty at start (first pass) | `compute_score_batch` | {s['batch_cold_cache']:.0f} |",
-        f"| not cached (`gold_cache=False`) | `compute_score_batch` | {s['batch_no_cache']:.0f} |",
-        f"| not cached | sequential calls | {s['seq_no_cache']:.0f} |",
+        "| gold results | mode | samples/s, wall | samples per CPU-s |",
+        "|---|---|---|---|",
+        srow("cached", "`compute_score_batch`", "batch_cached"),
+        srow("cached", "sequential calls", "seq_cached"),
+        srow("cache emptied before the pass", "`compute_score_batch`", "batch_cold_cache"),
+        srow("not cached (`gold_cache=False`)", "`compute_score_batch`", "batch_no_cache"),
+        srow("not cached", "sequential calls", "seq_no_cache"),
         "",
-        f"- Ratio cached / uncached: batch {s['batch_cached'] / s['batch_no_cache']:.1f}x, "
-        f"sequential {s['seq_cached'] / s['seq_no_cache']:.1f}x.",
+        f"- Cached / uncached: batch {sm.rate('batch_cached') / sm.rate('batch_no_cache'):.1f}x, "
+        f"sequential {sm.rate('seq_cached') / sm.rate('seq_no_cache'):.1f}x (wall-clock).",
         f"- Statuses: {s['statuses']}. Building the 10 databases from schema.sql: {s['build_s']:.2f} s;"
         f" first call (pool start): {s['cold_start_s']:.2f} s.",
         "",
@@ -275,14 +361,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "rewards.md"))
     ap.add_argument("--workers", type=int, default=2, help="reward pool processes (default 2)")
+    ap.add_argument("--rounds", type=int, default=2, help="round-robin repetitions of every configuration")
     args = ap.parse_args(argv)
     info = machine_info()
     load0 = loadavg()
-    m = bench_math(args.workers)
-    print(json.dumps({k: v for k, v in m.items() if k != "disagreements"}, indent=1))
-    s = bench_sql(args.workers)
-    print(json.dumps(s, indent=1))
-    text = render(info, m, s, (load0, loadavg()), args.workers)
+    m = bench_math(args.workers, args.rounds)
+    print(json.dumps({k: v for k, v in m["meas"].wall.items()}, indent=1))
+    s = bench_sql(args.workers, args.rounds)
+    print(json.dumps({k: v for k, v in s["meas"].wall.items()}, indent=1))
+    text = render(info, m, s, (load0, loadavg()), args.workers, args.rounds)
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
     return 0

@@ -120,7 +120,6 @@ def convert(
     """verl rows (``extra_info``: split, index, id, db_id, db_path, question, evidence, answer, source_index)."""
     from dyjr_verl.rewards.sql import build_sql_prompt
 
-    prompt_cache: dict[tuple[str, str, str], str] = {}
     rows = []
     for out_idx, (src_idx, rec) in enumerate(select_records(records, limit, seed)):
         where = f"record {src_idx}"
@@ -129,13 +128,10 @@ def convert(
         db_id = str(first_key(rec, ("db_id",), "db_id", where))
         evidence = str(rec.get("evidence") or "").strip()
         db_path = locator.path(db_id)
-        key = (str(db_path), question, evidence)
-        if key not in prompt_cache:
-            prompt_cache[key] = build_sql_prompt(db_path, question, sample_rows, evidence=evidence or None)
         rows.append(
             make_row(
                 data_source=data_source,
-                prompt=prompt_cache[key],
+                prompt=build_sql_prompt(db_path, question, sample_rows, evidence=evidence or None),
                 ability="sql",
                 ground_truth=gold,
                 split=split,

@@ -39,6 +39,7 @@ Gold results are cached in the calling process per (database path, mtime, size, 
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import re
 import sqlite3
@@ -845,12 +846,21 @@ def _fmt_value(v: Any, width: int = 60) -> str:
 
 
 def describe_schema(db_path: str | os.PathLike[str], sample_rows: int = 0) -> str:
-    """CREATE TABLE statements from ``sqlite_master`` (sqlglot-formatted), plus optional sample rows."""
+    """CREATE TABLE statements from ``sqlite_master`` (sqlglot-formatted), plus optional sample rows.
+
+    Cached per (file, mtime, size, sample_rows): data prep asks once per question, not once per database.
+    """
     if sample_rows < 0:
         raise ValueError(f"sample_rows must be >= 0, got {sample_rows}")
-    path = os.fspath(db_path)
+    path = os.path.abspath(os.fspath(db_path))
     if not os.path.isfile(path):
         raise ValueError(f"database file not found: {path}")
+    st = os.stat(path)
+    return _describe_schema_cached(path, st.st_mtime_ns, st.st_size, int(sample_rows))
+
+
+@functools.lru_cache(maxsize=256)
+def _describe_schema_cached(path: str, mtime_ns: int, size: int, sample_rows: int) -> str:
     conn = open_readonly(path)
     try:
         tables = conn.execute(
