@@ -54,6 +54,7 @@ from dyjr_verl.losses.topk_js import (  # noqa: E402
 )
 
 TEMPERATURE = 0.9
+RATIO = "_min"  # time ratios from the fastest repetition (robust on a shared machine); "" = medians
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,6 +193,15 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except Exception:
+        pass
+
+
 def run_one(method: str, n: int, vocab: int, k: int, device: str, reps: int) -> dict:
     """Measure one method (in this process; on CPU the caller starts a fresh process per method)."""
     z, rec = make_inputs(n, vocab, k, device)
@@ -223,6 +233,7 @@ def run_one(method: str, n: int, vocab: int, k: int, device: str, reps: int) -> 
                 torch.cuda.synchronize()
                 res["peak_fwd_nograd_mb"] = (torch.cuda.max_memory_allocated() - base_f) / 2**20
         else:
+            _malloc_trim()  # hand the set-up's freed heap back, so the RSS base is what is live
             base = rss_bytes()
             before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             fn(z, *args).backward()  # first call: its ru_maxrss growth is the peak
@@ -325,7 +336,7 @@ def report(results: list[dict], args, device_desc: str, check_line: str) -> str:
         "",
         f"Last run: {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, `{' '.join(['python', 'benchmarks/bench_topk_kernel.py'] + sys.argv[1:])}`",
         f"Device: {device_desc}; torch {torch.__version__}; temperature {TEMPERATURE}; bf16 logits; "
-        f"median (min) of {args.reps} repetitions; ratios use medians.",
+        f"median (min) of {args.reps} repetitions; ratios use the {'minima' if RATIO else 'medians'}.",
         "",
         "Per method: forward (and forward+backward) of the token-mean JSD between the current "
         "distribution and a stored top-k record. `peak extra` = memory allocated during forward+backward "
@@ -345,8 +356,8 @@ def report(results: list[dict], args, device_desc: str, check_line: str) -> str:
             lines.append(f"| {r['method']} | {r['n']} | {r['vocab']} | {r['k']} | | skipped: {r['skipped']} | | | | | | |")
             continue
         b = base.get((r["n"], r["vocab"], r["k"]))
-        rf = r["fwd_ms"] / b["fwd_ms"] if b else None
-        rb = r["fwd_bwd_ms"] / b["fwd_bwd_ms"] if b else None
+        rf = r[f"fwd_ms{RATIO}"] / b[f"fwd_ms{RATIO}"] if b else None
+        rb = r[f"fwd_bwd_ms{RATIO}"] / b[f"fwd_bwd_ms{RATIO}"] if b else None
         lines.append(
             f"| {r['method']} | {r['n']} | {r['vocab']} | {r['k']} | {r['logits_mb']:.0f} | {r['fwd_ms']:.1f} ({r['fwd_ms_min']:.1f}) "
             f"| {r['fwd_bwd_ms']:.1f} ({r['fwd_bwd_ms_min']:.1f}) | "

@@ -283,9 +283,15 @@ def test_duplicate_ids_and_minus_inf_logits():
         close(getattr(out, f), ref[f], 2e-6)
     w = weights_like(ref, gen)
     (g,) = torch.autograd.grad(objective(out, w), z)
-    (g_ref,) = torch.autograd.grad(objective(type(out)(*[ref[f] for f in FIELDS], None), w), zz)
+    (g_ref,) = torch.autograd.grad(objective(type(out)(*[ref[f] for f in FIELDS], None), w), zz, retain_graph=True)
     close(g, g_ref, 2e-6)
     assert torch.count_nonzero(g[:, 60:]) == 0
+    # without the entropy (other code path for -inf)
+    o2 = topk_log_softmax(z, ids, chunk_size=16)
+    close(o2.log_rest, ref["log_rest"], 2e-6)
+    (g2,) = torch.autograd.grad((o2.logp * w["logp"]).sum() + (o2.log_rest * w["log_rest"]).sum(), z)
+    (g2_ref,) = torch.autograd.grad((ref["logp"] * w["logp"]).sum() + (ref["log_rest"] * w["log_rest"]).sum(), zz)
+    close(g2, g2_ref, 2e-6)
 
 
 def test_no_vocab_sized_tensor_saved_for_backward():
@@ -337,7 +343,9 @@ _INTERP_SCRIPT = textwrap.dedent(
     from dyjr_verl.kernels import topk_log_softmax
     torch.manual_seed(0)
     cases = [(5, 300, 5, torch.float32, None, True, 5), (4, 257, 3, torch.bfloat16, [3, 0], True, 4),
-             (3, 70, 0, torch.float32, None, False, 0), (2, 40, 2, torch.float32, None, True, 3)]
+             (3, 70, 0, torch.float32, None, False, 0), (2, 40, 2, torch.float32, None, True, 3),
+             # several vocabulary blocks (BLOCK_V = 4096, or 1024 with top-r): ids bucketed per block
+             (3, 9000, 16, torch.float32, [2, 0], True, 0), (1, 5000, 32, torch.bfloat16, None, True, 4)]
     for n, v, k, dt, rows, ent, r in cases:
         z = (torch.randn(n, v) * 3).to(dt)
         if v == 40:

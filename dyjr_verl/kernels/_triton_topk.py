@@ -10,7 +10,9 @@ One program per output row streams the vocabulary in ``BLOCK_V`` columns:
 * forward keeps four fp32 scalars per row (running max ``m``, ``S = sum e``, ``E = sum e (s - m)``
   for the entropy, ``R = sum e [col not in ids]`` for the rest mass), rescaled by
   ``exp(m_old - m_new)`` when the max grows; the rest mass is accumulated by exclusion, so it is
-  accurate even when the ids hold almost all the mass. Optional: per-block top ``TOP_R``
+  accurate even when the ids hold almost all the mass. The membership test compares a block's
+  columns only with the ids that fall in that block (ids sorted per row, per-block index ranges
+  from ``searchsorted``: about k / n_blocks compares per column, not k). Optional: per-block top ``TOP_R``
   candidates (``tl.topk``), merged by torch afterwards.
 * backward recomputes ``p = exp(s - lse)`` per block and stores
   ``dz = (p * (A + B [col not in ids] - gH s) + sum_{i: ids_i = col} g_logp_i) / T``
@@ -39,6 +41,9 @@ def _topk_lse_fwd_kernel(
     rows_ptr,
     ids_ptr,
     stride_ids,
+    sids_ptr,
+    bnd_ptr,
+    stride_bnd,
     lse_ptr,
     logp_ptr,
     stride_logp,
@@ -62,6 +67,8 @@ def _topk_lse_fwd_kernel(
         row = pid
     x_row = x_ptr + row * stride_x
     id_row = ids_ptr + pid * stride_ids
+    sid_row = sids_ptr + pid * stride_ids
+    bnd_row = bnd_ptr + pid * stride_bnd
     offs = tl.arange(0, BLOCK_V)
 
     m = -1.0e30
@@ -84,9 +91,12 @@ def _topk_lse_fwd_kernel(
             E = alpha * (E + (m - m_new) * S) + tl.sum(e * d, axis=0)
         S = S * alpha + tl.sum(e, axis=0)
         hit = cols < 0
-        for i in range(K):
-            idv = tl.load(id_row + i)
-            hit = hit | (cols == idv)
+        if K > 0:  # only the (sorted) ids that fall in this block: ~k / n_blocks compares per column
+            blk_i = start // BLOCK_V
+            lo = tl.load(bnd_row + blk_i)
+            hi = tl.load(bnd_row + blk_i + 1)
+            for i in range(lo, hi):
+                hit = hit | (cols == tl.load(sid_row + i))
         R = R * alpha + tl.sum(tl.where(hit, 0.0, e), axis=0)
         m = m_new
 
@@ -107,8 +117,10 @@ def _topk_lse_bwd_kernel(
     x_ptr,
     stride_x,
     rows_ptr,
-    ids_ptr,
+    sids_ptr,
     stride_ids,
+    bnd_ptr,
+    stride_bnd,
     gid_ptr,
     stride_gid,
     a_ptr,
@@ -131,7 +143,8 @@ def _topk_lse_bwd_kernel(
         row = pid
     x_row = x_ptr + row * stride_x
     gx_row = gx_ptr + row * stride_gx
-    id_row = ids_ptr + pid * stride_ids
+    sid_row = sids_ptr + pid * stride_ids
+    bnd_row = bnd_ptr + pid * stride_bnd
     gid_row = gid_ptr + pid * stride_gid
     offs = tl.arange(0, BLOCK_V)
 
@@ -147,12 +160,14 @@ def _topk_lse_bwd_kernel(
         p = tl.exp(s - lse)
         hit = cols < 0
         gsum = tl.zeros([BLOCK_V], dtype=tl.float32)
-        for i in range(K):
-            idv = tl.load(id_row + i)
-            gv = tl.load(gid_row + i)
-            eq = cols == idv
-            hit = hit | eq
-            gsum += tl.where(eq, gv, 0.0)
+        if K > 0:
+            blk_i = start // BLOCK_V
+            lo = tl.load(bnd_row + blk_i)
+            hi = tl.load(bnd_row + blk_i + 1)
+            for i in range(lo, hi):
+                eq = cols == tl.load(sid_row + i)
+                hit = hit | eq
+                gsum += tl.where(eq, tl.load(gid_row + i), 0.0)
         c = a + tl.where(hit, 0.0, b)
         if HAS_GH:
             c = c - gh * s
@@ -167,6 +182,16 @@ def _block_v(vocab: int, top_r: int) -> int:
 
 def _warps(block_v: int) -> int:
     return 8 if block_v >= 2048 else 4
+
+
+def _bucket_ids(ids: torch.Tensor, vocab: int, block_v: int):
+    """Ids sorted per row, the sort order, and per row the index range of the sorted ids that
+    fall in each vocabulary block: ``bounds[m, b] .. bounds[m, b + 1]`` (int32, [M, NB + 1])."""
+    sids, order = ids.sort(dim=1)
+    nb = triton.cdiv(vocab, block_v)
+    starts = torch.arange(nb + 1, device=ids.device, dtype=sids.dtype) * block_v
+    bounds = torch.searchsorted(sids.contiguous(), starts.expand(ids.shape[0], nb + 1).contiguous())
+    return sids.contiguous(), order, bounds.to(torch.int32).contiguous()
 
 
 def triton_forward(x: torch.Tensor, ids: torch.Tensor, rows: Optional[torch.Tensor], inv_t: float, want_entropy: bool, top_r: int):
@@ -191,13 +216,20 @@ def triton_forward(x: torch.Tensor, ids: torch.Tensor, rows: Optional[torch.Tens
     if n_out == 0:
         top = lse.new_empty((0, top_r)) if top_r else None
         return lse, logp, log_rest, entropy, top
-    ids_c = ids.contiguous() if k else lse  # any valid tensor when k == 0 (never read)
+    if k:
+        ids_c = ids.contiguous()
+        sids, _, bounds = _bucket_ids(ids_c, vocab, block_v)
+    else:  # any valid tensors (never read)
+        ids_c, sids, bounds = lse, lse, lse
     _topk_lse_fwd_kernel[(n_out,)](
         x,
         x.stride(0),
         rows if rows is not None else lse,
         ids_c,
         ids_c.stride(0) if k else 0,
+        sids,
+        bounds,
+        bounds.stride(0) if k else 0,
         lse,
         logp if k else lse,
         logp.stride(0) if k else 0,
@@ -236,18 +268,21 @@ def triton_backward(x, ids, rows, inv_t, lse, A, B, g_h, g_logp) -> torch.Tensor
     a = A.to(torch.float32).contiguous()
     b = (B if B is not None else torch.zeros_like(A)).to(torch.float32).contiguous()
     gh = g_h.to(torch.float32).contiguous() if g_h is not None else a
-    if k:
-        ids_c = ids.contiguous()
-        gid = (g_logp if g_logp is not None else torch.zeros((n_out, k), device=x.device)).to(torch.float32).contiguous()
-    else:
-        ids_c, gid = a, a
     block_v = _block_v(vocab, 0)
+    if k:
+        sids, order, bounds = _bucket_ids(ids.contiguous(), vocab, block_v)
+        gid = g_logp if g_logp is not None else torch.zeros((n_out, k), device=x.device)
+        gid = gid.to(torch.float32).gather(1, order).contiguous()  # aligned with the sorted ids
+    else:
+        sids, bounds, gid = a, a, a
     _topk_lse_bwd_kernel[(n_out,)](
         x,
         x.stride(0),
         rows if rows is not None else a,
-        ids_c,
-        ids_c.stride(0) if k else 0,
+        sids,
+        sids.stride(0) if k else 0,
+        bounds,
+        bounds.stride(0) if k else 0,
         gid,
         gid.stride(0) if k else 0,
         a,

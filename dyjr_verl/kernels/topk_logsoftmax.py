@@ -303,7 +303,9 @@ def _torch_forward(src, ids: torch.Tensor, want_entropy: bool, top_r: int, chunk
             m_old = m[r0:r1]
             m_new = torch.maximum(m_old, s.amax(dim=1))
             alpha = torch.exp(m_old - m_new)
-            d = s.sub_(m_new[:, None]).clamp_(min=_D_FLOOR)
+            d = s.sub_(m_new[:, None])
+            if E is not None:  # the entropy needs e * d finite: 0 * (-inf) must not happen
+                d.clamp_(min=_D_FLOOR)
             e = torch.exp(d) if ws is None else torch.exp(d, out=ws.view(1, r1 - r0, width))
             S_old = S[r0:r1].clone()
             S[r0:r1] = S_old * alpha + e.sum(dim=1)
@@ -372,8 +374,8 @@ def _torch_backward(src, ids, lse, A, B, g_h, corr, chunk: int, row_block: int) 
         for r0 in range(0, n, row_block):
             r1 = min(r0 + row_block, n)
             s = src.block(r0, r1, c0, c1, ws)
-            # -inf logits: p = 0 there; keep s finite so that p * (... - gH * s) is 0, not NaN
-            torch.maximum(s, lse[r0:r1, None] + _D_FLOOR, out=s)
+            if g_h is not None:  # -inf logits: p = 0 there; keep s finite so p * (... - gH * s) is 0, not NaN
+                torch.maximum(s, lse[r0:r1, None] + _D_FLOOR, out=s)
             if ws is None:
                 p = torch.sub(s, lse[r0:r1, None]).exp_()
             else:
