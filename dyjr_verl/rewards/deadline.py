@@ -14,6 +14,8 @@ within ``timeout_s`` (counted from the moment the worker receives it, so queuein
 waiting for a worker to boot does not eat the budget). A worker that misses the deadline is SIGKILLed
 and replaced lazily; a worker that crashes (segfault, OOM kill, ``RecursionError`` in C) is replaced the
 same way. The caller gets :class:`DeadlineExceeded` or :class:`WorkerCrashed` and the pool stays usable.
+Only when workers cannot be started at all (three boots in a row fail) do calls get
+:class:`PoolStartError`, which the rewards re-raise: a broken environment must not look like a 0 reward.
 
 Workers are started lazily (nothing happens at import or construction), via the ``forkserver`` start
 method on Linux (fork-safe in threaded parents such as Ray actors, and a replacement costs a ``fork`` of
@@ -570,7 +572,8 @@ class DeadlinePool:
         try:
             msg = w.conn.recv()
         except (EOFError, OSError):
-            code = w.process.exitcode if not w.process.is_alive() else None
+            w.process.join(timeout=1.0)
+            code = w.process.exitcode
             if w.ready:
                 self.stats.crashed += 1
                 self._retire(w, WorkerCrashed(f"worker died during the call (exit code {code})"))
