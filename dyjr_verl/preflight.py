@@ -78,6 +78,7 @@ def check(config: DictConfig) -> list[str]:
     node = OmegaConf.select(config, "dyjr")
     if node is not None:
         problems.extend(_check_method_node(node))
+    problems.extend(_check_baseline_nodes(config))
     return problems
 
 
@@ -87,8 +88,30 @@ def _check_method_node(node: DictConfig) -> list[str]:
     try:
         DyJRConfig.from_omegaconf(node)
     except ConfigError as exc:
-        return [line for line in str(exc).splitlines() if line.strip()]
+        return list(exc.errors)  # one line per bad value (str(exc) adds a summary header line)
     return []
+
+
+def _check_baseline_nodes(config: DictConfig) -> list[str]:
+    """``rlep:`` / ``exgrpo:``: validated when present or when their trainer mode is selected
+    (RLEP cannot run without ``rlep.pool_path``), then checked against the rest of the config."""
+    from dyjr_verl.baselines.config import METHOD_NODES, verl_config_problems
+    from dyjr_verl.config import ConfigError
+
+    mode = OmegaConf.select(config, "trainer.v1.trainer_mode", default=None)
+    problems: list[str] = []
+    for name, cls in METHOD_NODES.items():
+        node = OmegaConf.select(config, name)
+        if node is None and mode != name:
+            continue
+        try:
+            parsed = cls.from_omegaconf(node, path=name)
+        except ConfigError as exc:
+            problems.extend(exc.errors)
+            continue
+        if mode == name:
+            problems.extend(verl_config_problems(name, parsed, config))
+    return problems
 
 
 class Preflight(Callback):

@@ -1,0 +1,117 @@
+"""RLEP (Experience rePlay, arXiv 2507.07451) as a verl 0.9.1 trainer mode: ``trainer.v1.trainer_mode=rlep``.
+
+Phase 1 (offline, :mod:`dyjr_verl.baselines.rlep_collect`) samples N answers per training question
+from a trained checkpoint, verifies them and keeps questions with >= 2 correct answers as the
+experience pool. Phase 2 (this trainer, restarted from the *base* model) appends, to every group of
+G fresh rollouts, up to M (default 2) stored successes of the same question, so GRPO's advantage is
+computed over the G + M rows (paper Eq. 5). The replayed answers are
+
+* re-tokenised (+ EOS, as the official data loader) and truncated to ``data.max_response_length``;
+* re-scored by verl's reward workers (RLEP's DAPO reward manager scores all G + M rows);
+* ordinary rows for the loss: their old log-probs are recomputed by the current policy, so the
+  ratio starts at 1 and there is no importance correction to the collecting policy (official code).
+
+Deliberate difference: a question with fewer than M stored answers gets only those (none if it is
+not in the pool). The official loader pads such questions with empty answers that are scored as
+failures and join the group; that quirk is not reproduced (docs/baselines.md).
+
+Everything else — where rows enter the step, TransferQueue keys, scoring, mini-batch sizing
+(the optimizer takes as many steps as GRPO, each over ``ppo_mini_batch_size x (G + M)`` rows at
+most) — is the shared :class:`~dyjr_verl.trainer.replay_trainer.GroupReplayTrainer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from verl.trainer.ppo.v1.trainer_base import register_trainer
+
+from dyjr_verl.baselines.config import RLEPConfig
+from dyjr_verl.replay.pools import RLEPPool
+from dyjr_verl.trainer.replay_trainer import GroupReplayTrainer, PromptGroup, ReplayRowSpec
+
+logger = logging.getLogger(__name__)
+logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
+
+
+def tokenize_answer(tokenizer: Any, text: str, *, max_tokens: int, append_eos: bool = True) -> torch.Tensor:
+    """A stored answer string as response token ids (EOS appended, then cut to ``max_tokens``).
+
+    An answer longer than the response budget loses its tail (and EOS), like a truncated rollout.
+    """
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    if append_eos and tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    ids = ids[: max(1, int(max_tokens))]
+    if not ids:  # an empty answer without EOS: nothing to replay
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+@register_trainer("rlep")
+class RLEPTrainer(GroupReplayTrainer):
+    """RLEP replay: M stored successes per group, re-scored, on-policy rows (``rlep:`` node)."""
+
+    config_node = "rlep"
+    metric_prefix = "rlep/"
+
+    def parse_method_config(self, config: DictConfig) -> RLEPConfig:
+        return RLEPConfig.from_omegaconf(config.get(self.config_node), path=self.config_node)
+
+    def replay_seed(self) -> int:
+        return int(self.method_config.seed)
+
+    def build_store(self) -> RLEPPool:
+        cfg = self.method_config
+        if not cfg.enable:
+            return RLEPPool({}, min_correct=cfg.min_correct)
+        pool = RLEPPool.load(os.path.expanduser(cfg.pool_path), min_correct=cfg.min_correct)
+        logger.info(f"rlep: experience pool {cfg.pool_path}: {len(pool)} questions, {pool.num_candidates} answers "
+                    f"({pool.dropped} questions below min_correct={cfg.min_correct} ignored)")
+        return pool
+
+    def loss_spec(self) -> None:
+        return None  # replayed rows are ordinary rows for verl's own loss
+
+    def replay_enabled(self) -> bool:
+        return bool(self.method_config.enable)
+
+    def on_policy_replay(self) -> bool:
+        return True
+
+    def store_metrics(self) -> dict[str, float]:
+        return self.store.metrics(prefix=f"{self.metric_prefix}pool/")
+
+    def store_digest(self, state: dict) -> str:
+        return str(state.get("fingerprint", ""))
+
+    # -- group replay hooks ------------------------------------------------------------------------
+    def plan_group_replay(self, groups: list[PromptGroup], metrics: dict) -> list[ReplayRowSpec]:
+        cfg = self.method_config
+        max_tokens = int(self.config.data.max_response_length)
+        specs: list[ReplayRowSpec] = []
+        missing = short = 0
+        for group in groups:
+            answers = self.store.draw(group.question, cfg.replay_per_group, self._replay_rng)
+            if not answers:
+                missing += 1
+                continue
+            if len(answers) < cfg.replay_per_group:
+                short += 1
+            for text in answers:
+                ids = tokenize_answer(self.tokenizer, text, max_tokens=max_tokens, append_eos=cfg.append_eos)
+                if ids.numel():
+                    specs.append(ReplayRowSpec(uid=group.uid, response_ids=ids, score=None if cfg.rescore else 1.0))
+        p = self.metric_prefix
+        metrics.update({
+            f"{p}replay/questions_not_in_pool": float(missing),
+            f"{p}replay/questions_short": float(short),
+        })
+        return specs
+
+    def after_group_step(self, batch, step, metrics: dict) -> None:
+        metrics.update(self.store_metrics())
