@@ -74,6 +74,10 @@ def gen_batch_rows(batch: TensorDict) -> list[dict[str, Any]]:
 
 def rows_to_gen_batch(rows: list[dict[str, Any]], global_steps: int) -> TensorDict:
     """Inverse of :func:`gen_batch_rows` through verl's own collate function."""
+    keys = set(rows[0]) if rows else set()
+    for r in rows:
+        if set(r) != keys:
+            raise ValueError(f"prompt rows differ in their fields: {sorted(keys ^ set(r))} (one dataset per run)")
     batch = tu.get_tensordict(collate_fn(rows))
     tu.assign_non_tensor_data(batch, "global_steps", global_steps)
     return batch
