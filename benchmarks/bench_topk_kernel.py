@@ -351,6 +351,8 @@ def report(results: list[dict], args, device_desc: str, check_line: str) -> str:
     ]
     if check_line:
         lines += [check_line, ""]
+    if not any(r["method"] == "liger" for r in results):
+        lines += ["Liger-Kernel's JSD: not run here (Triton-only, needs CUDA; run with `--device cuda`).", ""]
     lines += [
         "| method | N | V | k | logits MB | fwd ms (min) | fwd+bwd ms (min) | fwd / lse fwd | fwd+bwd / lse fwd+bwd | peak extra MB | peak extra / logits | saved MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",

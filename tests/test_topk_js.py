@@ -9,7 +9,6 @@ import pickle
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from verl.utils import tensordict_utils as tu
 from verl.workers.config import ActorConfig, PolicyLossConfig

@@ -4,7 +4,6 @@ memory, and the Triton backend in Triton's CPU interpreter."""
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
