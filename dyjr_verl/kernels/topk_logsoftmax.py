@@ -109,6 +109,14 @@ def triton_available() -> bool:
     return True
 
 
+def _triton_has_topk() -> bool:
+    try:
+        import triton.language as tl
+    except Exception:
+        return False
+    return hasattr(tl, "topk")
+
+
 def _resolve_backend(backend: str, device: torch.device, hidden: bool) -> str:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -546,6 +554,8 @@ def topk_log_softmax(
     n = math.prod(lead)
     x = logits.reshape(n, vocab)
     be = _resolve_backend(backend, x.device, hidden=False)
+    if be == "triton" and top_r and backend == "auto" and not _triton_has_topk():
+        be = "torch"  # Triton builds without tl.topk (older than 3.3-ish): top-r diagnostics on torch
     if be == "triton" and x.stride(1) != 1:
         x = x.contiguous()
     ids2, rows2 = _prepare(ids, lead, n, x.device, rows, vocab)
