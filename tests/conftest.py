@@ -28,3 +28,11 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"shared benchmark data not found at {SHARED_DATA} (expected beside the checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> Path:
+    """The embedded default assets (tiny model, tokenizer, tasks), built once per test session."""
+    from dyjr_verl.assets.build import AssetSpec, build
+
+    return build(tmp_path_factory.mktemp("tiny_assets"), AssetSpec())

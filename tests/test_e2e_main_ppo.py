@@ -13,7 +13,6 @@ import sys
 
 import pytest
 
-from dyjr_verl.assets.build import AssetSpec, build
 from dyjr_verl.trainer.state import buffer_digest
 from e2e_utils import RECIPES, run_main_ppo
 
@@ -21,8 +20,8 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="session")
-def assets(tmp_path_factory):
-    return build(tmp_path_factory.mktemp("assets"), AssetSpec())
+def assets(tiny_assets):
+    return tiny_assets
 
 
 def _series(run, key):

@@ -61,10 +61,8 @@ def test_bad_input_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.e2e
-def test_eval_tiny_model_with_vllm_cpu(tmp_path):
-    from dyjr_verl.assets.build import AssetSpec, build
-
-    root = build(tmp_path / "assets", AssetSpec())
+def test_eval_tiny_model_with_vllm_cpu(tmp_path, tiny_assets):
+    root = tiny_assets
     out = tmp_path / "eval"
     proc = subprocess.run(
         [sys.executable, "-m", "dyjr_verl.eval", "--model", str(root / "tokenizer-model"),
