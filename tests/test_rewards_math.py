@@ -440,3 +440,14 @@ def test_loads_through_verls_custom_reward_loader(name: str) -> None:
     if inspect.isawaitable(out):
         out = asyncio.run(out)
     assert out["score"] == 1.0 and set(out) == RESULT_KEYS
+
+
+def test_works_when_verl_loads_the_file_by_path(repo_root: Path) -> None:
+    """verl imports a file path under a private module name that workers cannot import by name."""
+    from verl.utils.import_utils import load_extern_object
+
+    fn = load_extern_object(module_path=str(repo_root / "dyjr_verl" / "rewards" / "math.py"), object_name="compute_score")
+    assert fn.__module__.startswith("custom_module")
+    assert fn("x", "\\boxed{\\frac12}", "0.5")["status"] == "correct"  # needs the pool
+    batch = load_extern_object(module_path=str(repo_root / "dyjr_verl" / "rewards" / "math.py"), object_name="compute_score_batch")
+    assert [o["score"] for o in batch(None, ["\\boxed{\\frac12}", "\\boxed{0.4}"], ["0.5", "0.5"])] == [1.0, 0.0]

@@ -492,3 +492,12 @@ def test_loads_through_verls_custom_reward_loader(spider_root: Path) -> None:
     out = fn(data_source="spider", solution_str=_fence(gold), ground_truth=gold,
              extra_info={"db_id": "concert_singer", "num_turns": 1, "rollout_reward_scores": {}})
     assert out["status"] == "correct" and set(out) == RESULT_KEYS
+
+
+def test_works_when_verl_loads_the_file_by_path(spider_root: Path, repo_root: Path) -> None:
+    from verl.utils.import_utils import load_extern_object
+
+    fn = load_extern_object(module_path=str(repo_root / "dyjr_verl" / "rewards" / "sql.py"), object_name="compute_score")
+    assert fn.__module__.startswith("custom_module")
+    gold = "SELECT count(*) FROM singer"
+    assert fn("spider", _fence(gold), gold, {"db_id": "concert_singer"}, db_root=str(spider_root))["status"] == "correct"

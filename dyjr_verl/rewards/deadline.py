@@ -54,7 +54,9 @@ __all__ = [
     "DeadlinePool",
     "default_start_method",
     "register_preload",
+    "in_fork_server",
     "default_worker_count",
+    "by_reference",
 ]
 
 #: How long a freshly started worker may take to import its modules and report ready.
@@ -79,6 +81,20 @@ class PoolStartError(RuntimeError):
     """
 
 
+def by_reference(fn: Callable[..., Any], module: str) -> Callable[..., Any]:
+    """``fn``, or its namesake from ``module`` when ``fn`` lives in a module workers cannot import.
+
+    Calls are pickled by reference (module + name). verl loads ``reward.custom_reward_function.path``
+    given as a *file* under a private name (``custom_module_<hash>``) that is not in ``sys.modules``;
+    sending such a function would fail for every sample, so the installed module's copy is sent instead.
+    """
+    if fn.__module__ == module:
+        return fn
+    import importlib
+
+    return getattr(importlib.import_module(module), fn.__name__)
+
+
 def default_worker_count() -> int:
     """``$DYJR_REWARD_WORKERS`` if set, else min(4, CPU count): reward workers per scoring process."""
     env = os.environ.get("DYJR_REWARD_WORKERS")
@@ -101,6 +117,20 @@ def default_start_method() -> str:
 #: Modules to import in the (process-global, shared) fork server, gathered from every caller that
 #: registered them before the server started; see :func:`register_preload`.
 _PRELOAD: list[str] = []
+
+
+#: Set in the environment of the fork server we start (and so of its workers), never in ours.
+FORK_SERVER_ENV = "DYJR_DEADLINE_FORK_SERVER"
+
+
+def in_fork_server() -> bool:
+    """True while a preload module is being imported by (or runs in a worker forked from) our fork server.
+
+    A module registered with :func:`register_preload` can use this at import time to warm caches that
+    every worker then inherits through ``fork`` (e.g. ANTLR's parser DFA, which otherwise costs each fresh
+    worker its first few hundred parses).
+    """
+    return os.environ.get(FORK_SERVER_ENV) == "1"
 
 
 def register_preload(*modules: str) -> None:
@@ -433,6 +463,12 @@ class DeadlinePool:
             if not running and server is not None and _PRELOAD:
                 current = list(getattr(server, "_preload_modules", ["__main__"]))
                 ctx.set_forkserver_preload(current + [m for m in _PRELOAD if m not in current])
+                # Start it now, with the marker that lets preload modules warm up (see in_fork_server).
+                os.environ[FORK_SERVER_ENV] = "1"
+                try:
+                    fs.ensure_running()
+                finally:
+                    os.environ.pop(FORK_SERVER_ENV, None)
         return ctx
 
     def _start_worker(self) -> None:

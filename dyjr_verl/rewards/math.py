@@ -26,16 +26,17 @@ from __future__ import annotations
 import functools
 import re
 import threading
-from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 from dyjr_verl.rewards import bool_option
 from dyjr_verl.rewards.deadline import (
     DeadlineExceeded,
     DeadlinePool,
     PoolStartError,
+    by_reference,
     default_worker_count,
+    in_fork_server,
     register_preload,
 )
 
@@ -241,6 +242,32 @@ def _warm_worker() -> None:
     _verify_in_worker(("\\frac{1}{2}",), "0.5")
 
 
+#: Typical competition-math answer shapes. Parsing them once warms ANTLR's DFA (the bulk of a cold
+#: worker's parse cost) and sympy's caches; done in the fork server, every worker inherits the result.
+_WARMUP_ANSWERS = (
+    "42", "-7", "3.25", "0.5", "\\frac{3}{4}", "-\\frac{1}{2}", "\\dfrac{5}{6}", "\\frac{\\sqrt{3}}{2}",
+    "2\\sqrt{5}", "\\sqrt[3]{2}", "3\\pi", "\\frac{\\pi}{6}", "e^{2}", "2^{10}", "x^2 + 2x + 1", "a_1",
+    "(3, -2)", "\\left( 3, \\frac{\\pi}{2} \\right)", "[2, 5)", "(-\\infty, 0] \\cup [1, \\infty)", "\\{1, 2, 3\\}",
+    "1, 2, 3", "x = 5", "y = 2x + 3", "x \\in [-2, 7]", "x > 3", "90^\\circ", "45^{\\circ}", "30\\%", "\\$12.50",
+    "\\text{(C)}", "\\text{Evelyn}", "\\mathrm{odd}", "10,080", "1{,}000", "\\log_2 3", "\\ln 5", "\\sin x",
+    "\\cos 2\\theta", "\\tan^{-1} 2", "\\binom{10}{3}", "5!", "|x - 1|", "\\begin{pmatrix} 1 \\\\ -2 \\end{pmatrix}",
+    "\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "3 + 4i", "\\frac{1 + \\sqrt{5}}{2}", "2 \\times 10^{3}",
+    "\\infty", "\\emptyset", "\\sqrt{2} - 1", "\\frac{x + 1}{x - 1}", "(x - 2)(x + 3)", "6 \\text{ cm}",
+    "\\overline{AB}", "\\angle ABC", "\\frac{a}{b} + c^{2}", "\\sum_{k=1}^{n} k", "p - q", "-\\frac{\\pi}{6}",
+)
+
+
+def _warm_fork_server() -> None:
+    """Parse and compare :data:`_WARMUP_ANSWERS` (about 1 s, once per fork server)."""
+    _warm_worker()
+    for i, answer in enumerate(_WARMUP_ANSWERS):
+        try:
+            _verify_in_worker((answer,), _WARMUP_ANSWERS[(i + 1) % len(_WARMUP_ANSWERS)])
+            _verify_in_worker((answer,), answer)
+        except Exception:  # noqa: BLE001 - warm-up only
+            pass
+
+
 @functools.lru_cache(maxsize=4096)
 def _parse_cached(answer: str) -> tuple[Any, ...]:
     """Parse a bare answer (gold or pred) as ``\\boxed{answer}``; cached because GRPO repeats golds n times."""
@@ -287,7 +314,11 @@ _MATH_PRELOAD = (
     "sympy.assumptions.wrapper",
     "antlr4.LL1Analyzer",
 )
-register_preload(*_MATH_PRELOAD)
+_MODULE = "dyjr_verl.rewards.math"  # the importable name, also when verl loaded this file by path
+register_preload(*_MATH_PRELOAD, _MODULE)
+
+if in_fork_server():  # this module is being preloaded by the fork server: warm what workers will inherit
+    _warm_fork_server()
 
 _pool: DeadlinePool | None = None
 _pool_lock = threading.Lock()
@@ -320,7 +351,7 @@ def get_pool() -> DeadlinePool:
                 start_method=_pool_settings.get("start_method"),
                 preload=_MATH_PRELOAD,
                 memory_limit_mb=_pool_settings.get("memory_limit_mb", 2048),
-                initializer=_warm_worker,
+                initializer=by_reference(_warm_worker, _MODULE),
             )
         return _pool
 
@@ -329,8 +360,7 @@ def get_pool() -> DeadlinePool:
 # scoring
 
 
-@dataclass(frozen=True)
-class _Options:
+class _Options(NamedTuple):
     timeout_s: float
     modes: tuple[str, ...]
     fast_path: bool
@@ -437,7 +467,7 @@ def compute_score(
     if done is not None:
         return done
     try:
-        value = get_pool().run(_verify_in_worker, golds, pred, timeout_s=opts.timeout_s)
+        value = get_pool().run(by_reference(_verify_in_worker, _MODULE), golds, pred, timeout_s=opts.timeout_s)
     except PoolStartError:
         raise  # broken environment: fail loudly rather than score everything 0
     except Exception as exc:  # noqa: BLE001 - DeadlineExceeded, WorkerCrashed, worker exceptions
@@ -458,7 +488,8 @@ async def compute_score_async(
     if done is not None:
         return done
     try:
-        value = await get_pool().run_async(_verify_in_worker, golds, pred, timeout_s=opts.timeout_s)
+        verify = by_reference(_verify_in_worker, _MODULE)
+        value = await get_pool().run_async(verify, golds, pred, timeout_s=opts.timeout_s)
     except PoolStartError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -488,7 +519,8 @@ def compute_score_batch(
             jobs.append((i, golds, pred))
     if jobs:
         pool = get_pool()
-        futures = [pool.submit(_verify_in_worker, golds, pred, timeout_s=opts.timeout_s) for _, golds, pred in jobs]
+        verify = by_reference(_verify_in_worker, _MODULE)
+        futures = [pool.submit(verify, golds, pred, timeout_s=opts.timeout_s) for _, golds, pred in jobs]
         for (i, golds, pred), fut in zip(jobs, futures):
             exc = fut.exception()
             if isinstance(exc, PoolStartError):

@@ -47,12 +47,17 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from dyjr_verl.rewards import bool_option
-from dyjr_verl.rewards.deadline import DeadlineExceeded, DeadlinePool, PoolStartError, default_worker_count
+from dyjr_verl.rewards.deadline import (
+    DeadlineExceeded,
+    DeadlinePool,
+    PoolStartError,
+    by_reference,
+    default_worker_count,
+)
 
 __all__ = [
     "SCORE_CORRECT",
@@ -482,6 +487,7 @@ def results_match(
 # --------------------------------------------------------------------------------------------------
 # pool and gold cache
 
+_MODULE = "dyjr_verl.rewards.sql"  # the importable name, also when verl loaded this file by path
 _pool: DeadlinePool | None = None
 _pool_lock = threading.Lock()
 _pool_settings: dict[str, Any] = {}
@@ -512,13 +518,12 @@ def get_pool() -> DeadlinePool:
                 _pool_settings.get("max_workers") or default_worker_count(),
                 start_method=_pool_settings.get("start_method"),
                 memory_limit_mb=_pool_settings.get("memory_limit_mb", WORKER_MEMORY_LIMIT_MB),
-                initializer=_worker_init,
+                initializer=by_reference(_worker_init, _MODULE),
             )
         return _pool
 
 
-@dataclass(frozen=True)
-class _Gold:
+class _Gold(NamedTuple):
     status: str  # "ok" | "error"
     rows: tuple[tuple[Any, ...], ...] = ()
     ordered: bool = False
@@ -562,8 +567,7 @@ def _gold_from_outcome(gold_sql: str, ok: bool, value: Any, max_rows: int) -> _G
 # scoring
 
 
-@dataclass(frozen=True)
-class _Options:
+class _Options(NamedTuple):
     timeout_s: float
     gold_timeout_s: float
     max_rows: int
@@ -631,15 +635,18 @@ def _result(status: str, pred: str, opts: _Options) -> dict[str, Any]:
     }
 
 
-@dataclass
 class _Job:
     """One sample between preparation (in-process) and judgement (after the pool replied)."""
 
-    pred: str
-    db_path: str
-    gold_sql: str
-    gold_key: tuple[Any, ...] | None
-    gold: _Gold | None = None
+    __slots__ = ("pred", "db_path", "gold_sql", "gold_key", "gold")
+
+    def __init__(self, pred: str, db_path: str, gold_sql: str, gold_key: tuple[Any, ...] | None,
+                 gold: _Gold | None = None) -> None:
+        self.pred = pred
+        self.db_path = db_path
+        self.gold_sql = gold_sql
+        self.gold_key = gold_key
+        self.gold = gold
 
 
 def _prepare(solution_str: Any, ground_truth: Any, extra_info: Any, opts: _Options) -> tuple[dict[str, Any] | None, _Job | None]:
@@ -705,6 +712,7 @@ def _judge(job: _Job, ok: bool, value: Any, opts: _Options) -> dict[str, Any]:
 def _submit_all(jobs: list[_Job], opts: _Options) -> list[tuple[bool, Any]]:
     """Run the missing golds and all predictions concurrently on the pool."""
     pool = get_pool()
+    execute = by_reference(_execute_in_worker, _MODULE)
     gold_soft, gold_hard = _exec_args(opts, opts.gold_timeout_s)
     soft, hard = _exec_args(opts, opts.timeout_s)
     gold_futs: dict[tuple[Any, ...], Any] = {}
@@ -716,11 +724,11 @@ def _submit_all(jobs: list[_Job], opts: _Options) -> list[tuple[bool, Any]]:
         key = job.gold_key or (job.db_path, job.gold_sql, id(job))
         if key not in gold_futs:
             gold_futs[key] = pool.submit(
-                _execute_in_worker, job.db_path, job.gold_sql, opts.max_rows, gold_soft, timeout_s=gold_hard
+                execute, job.db_path, job.gold_sql, opts.max_rows, gold_soft, timeout_s=gold_hard
             )
         per_job_gold.append(gold_futs[key])
     pred_futs = [
-        pool.submit(_execute_in_worker, job.db_path, job.pred, opts.max_rows, soft, timeout_s=hard) for job in jobs
+        pool.submit(execute, job.db_path, job.pred, opts.max_rows, soft, timeout_s=hard) for job in jobs
     ]
     for job, gfut in zip(jobs, per_job_gold):
         if gfut is not None:
