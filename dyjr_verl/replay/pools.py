@@ -141,6 +141,9 @@ class RLEPPool:
     def num_candidates(self) -> int:
         return sum(len(v) for v in self._entries.values())
 
+    def questions(self) -> list[str]:
+        return list(self._entries)
+
     def candidates(self, key: str) -> list[str]:
         return list(self._entries.get(key, ()))
 
