@@ -267,3 +267,13 @@ def test_sql_module_runs_as_a_script(shared_data: Path, spider_parquet: tuple[pd
     conn = sqlite3.connect(dbs / "pets_1" / "pets_1.sqlite")
     assert conn.execute("SELECT count(*) FROM Student").fetchone()[0] > 0
     conn.close()
+
+
+def test_input_as_option(shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = str(shared_data / "math" / "aime24.jsonl")
+    assert dm.main(["--input", src, "-o", str(tmp_path / "a.parquet"), "--limit", "2"]) == 0
+    assert len(pd.read_parquet(tmp_path / "a.parquet")) == 2
+    assert "no input given" in _cli_error(dm.main, ["-o", str(tmp_path / "b.parquet")], capsys)
+    other = str(shared_data / "math" / "aime25.jsonl")
+    assert "two different inputs" in _cli_error(dm.main, [src, "--input", other, "-o", str(tmp_path / "b.parquet")], capsys)
+    assert "no input given" in _cli_error(ds.main, ["-o", str(tmp_path / "c.parquet")], capsys)

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m dyjr_verl.data.math INPUT --output OUT.parquet [--data-source NAME] [--split test]
+    python -m dyjr_verl.data.math INPUT (or --input INPUT) --output OUT.parquet [--data-source NAME] [--split test]
         [--limit N] [--seed S] [--problem-key K] [--answer-key K] [--hf-config C] [--instruction TEXT]
 
 ``INPUT`` is a local ``.jsonl``/``.json``/``.parquet`` file (e.g. ``shared/data/math/math500.jsonl``) or a
@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dyjr_verl.data.schema import (
+    add_input_argument,
     first_key,
     load_hub_dataset,
     looks_like_hub_name,
     make_row,
     read_records,
+    resolve_input,
     run_cli,
     select_records,
     write_parquet,
@@ -119,7 +121,7 @@ def convert(
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m dyjr_verl.data.math", description=__doc__.split("\n\n")[0])
-    ap.add_argument("input", help="local .jsonl/.json/.parquet file, or a hub dataset name (owner/name)")
+    add_input_argument(ap, "local .jsonl/.json/.parquet file, or a hub dataset name (owner/name)")
     ap.add_argument("--output", "-o", required=True, help="output .parquet path")
     ap.add_argument("--data-source", help="data_source column (default: derived from the input name)")
     ap.add_argument("--split", default="test", help="split label stored in extra_info; hub split to load")
@@ -134,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    args.input = resolve_input(args)
     if Path(args.input).exists():
         records = read_records(args.input)
     elif looks_like_hub_name(args.input):

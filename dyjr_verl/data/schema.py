@@ -25,6 +25,8 @@ __all__ = [
     "load_hub_dataset",
     "select_records",
     "first_key",
+    "add_input_argument",
+    "resolve_input",
     "run_cli",
 ]
 
@@ -156,6 +158,22 @@ def first_key(record: dict[str, Any], keys: Iterable[str], what: str, where: str
         if v is not None and not (isinstance(v, str) and not v.strip()):
             return v
     raise ValueError(f"{where}: no {what} field (looked for {', '.join(keys)}; found {', '.join(sorted(record)) or 'none'})")
+
+
+def add_input_argument(ap: Any, help_text: str) -> None:
+    """``INPUT`` as a positional argument or as ``--input INPUT`` (both spellings appear in the recipes)."""
+    ap.add_argument("input", nargs="?", help=help_text)
+    ap.add_argument("--input", dest="input_opt", metavar="INPUT", help="same as the positional INPUT")
+
+
+def resolve_input(args: Any) -> str:
+    """The one input given either way; a precise error when it is missing or given twice differently."""
+    if args.input and args.input_opt and args.input != args.input_opt:
+        raise ValueError(f"two different inputs given: {args.input!r} and --input {args.input_opt!r}")
+    value = args.input or args.input_opt
+    if not value:
+        raise ValueError("no input given (pass INPUT or --input INPUT)")
+    return str(value)
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

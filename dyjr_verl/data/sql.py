@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m dyjr_verl.data.sql INPUT --output OUT.parquet [--split dev] [--limit N] [--seed S]
+    python -m dyjr_verl.data.sql INPUT (or --input INPUT) --output OUT.parquet [--split dev] [--limit N] [--seed S]
         [--db-root DIR] [--build-db-dir DIR] [--sample-rows K] [--data-source NAME] [--hf-config C]
 
 ``INPUT`` is one of
@@ -30,11 +30,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dyjr_verl.data.schema import (
+    add_input_argument,
     first_key,
     load_hub_dataset,
     looks_like_hub_name,
     make_row,
     read_records,
+    resolve_input,
     run_cli,
     select_records,
     write_parquet,
@@ -152,7 +154,7 @@ def convert(
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m dyjr_verl.data.sql", description=__doc__.split("\n\n")[0])
-    ap.add_argument("input", help="Spider/BIRD directory, a .jsonl/.json/.parquet file, or a hub dataset name")
+    add_input_argument(ap, "Spider/BIRD directory, a .jsonl/.json/.parquet file, or a hub dataset name")
     ap.add_argument("--output", "-o", required=True, help="output .parquet path")
     ap.add_argument("--split", default="dev", help="which question file to read; also stored in extra_info")
     ap.add_argument("--limit", type=int, help="keep at most this many rows (after shuffling, if --seed)")
@@ -167,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    args.input = resolve_input(args)
     if args.sample_rows < 0:
         raise ValueError(f"--sample-rows must be >= 0, got {args.sample_rows}")
     roots = [Path(r) for r in args.db_root]
