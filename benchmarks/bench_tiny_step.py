@@ -42,6 +42,11 @@ def _actor_rss(root: psutil.Process) -> int:
     return rss
 
 
+def _replay_rows(metrics: dict) -> float:
+    """Replayed rows of a step, whichever method logged them (``dyjr/``, ``rlep/``, ``exgrpo/``)."""
+    return next((v for k, v in metrics.items() if k.endswith("/replay/rows") and not k.startswith("actor/")), 0.0)
+
+
 def run(recipe: str, steps: int, assets: Path, extra: list[str]) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"bench_{recipe}_"))
     cmd = [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", str(REPO / "recipes"),
@@ -86,7 +91,7 @@ def run(recipe: str, steps: int, assets: Path, extra: list[str]) -> dict:
         "update_actor_s": statistics.mean(update),
         "gen_s": statistics.mean(m[s]["timing_s/gen"] for s in sorted(m) if s >= 3),
         "peak_actor_rss_mib": peak["rss"] / 2**20,
-        "replay_rows": statistics.mean(m[s].get("dyjr/replay/rows", 0.0) for s in sorted(m) if s >= 3),
+        "replay_rows": statistics.mean(_replay_rows(m[s]) for s in sorted(m) if s >= 3),
     }
 
 

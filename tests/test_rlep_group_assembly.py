@@ -16,6 +16,7 @@ from tensordict import NonTensorStack, TensorDict
 from dyjr_verl.trainer.replay_trainer import (
     _reward_input,
     make_replay_row,
+    padding_rows,
     plan_minibatches,
     rows_to_td,
     spread_rows,
@@ -74,6 +75,18 @@ def test_replayed_row_refuses_what_it_cannot_rebuild():
     mrope = dict(tmpl, position_ids=torch.zeros(3, P + R, dtype=torch.int64))
     with pytest.raises(NotImplementedError, match="position_ids"):
         make_replay_row(mrope, tag, [1, 2], score=1.0, session_id=1)
+
+
+def test_padding_rows_are_short_no_ops_in_their_own_group():
+    tmpl, tag = template()
+    rows, tags = padding_rows(tmpl, tag, 3, eos_token_id=2)
+    assert len(rows) == 3 and padding_rows(tmpl, tag, 0, eos_token_id=2) == ([], [])
+    assert len({r["uid"] for r in rows}) == 1 and rows[0]["uid"].startswith("pad") and rows[0]["uid"] != "u1"
+    for r, t in zip(rows, tags):
+        assert r["responses"].tolist() == [2] and r["response_mask"].tolist() == [0] and r["loss_mask"].tolist() == [0]
+        assert r["rm_scores"].tolist() == [0.0] and r["input_ids"].numel() == P + 1  # the real prompt, not 128 tokens
+        assert t["is_padding"] is True and t["is_replay"] is False and t["seq_len"] == P + 1
+    assert [r["session_id"] for r in rows] == [0, 1, 2]
 
 
 def test_replayed_rows_pack_into_transferqueue_layout_like_the_template():

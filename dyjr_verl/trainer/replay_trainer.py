@@ -581,6 +581,27 @@ def spread_rows(is_replay: list[bool], dp: int, num_minibatches: int) -> list[in
     return order
 
 
+def padding_rows(template: dict[str, Any], tag: dict[str, Any], n: int, *, eos_token_id: Optional[int]) -> tuple[list[dict], list[dict]]:
+    """``n`` no-op rows on the template's prompt: one EOS response token with a zero response
+    mask and reward, in their own group (a fresh ``uid``), tagged ``is_padding`` like verl's own
+    padding rows, so losses, advantages and metrics ignore them."""
+    if n <= 0:
+        return [], []
+    uid = f"pad{uuid.uuid4().hex}"
+    eos = 0 if eos_token_id is None else int(eos_token_id)
+    rows, tags = [], []
+    for i in range(n):
+        row, pad_tag = make_replay_row(template, tag, [eos], score=0.0, session_id=i)
+        row["uid"] = uid
+        row["response_mask"] = torch.zeros_like(row["response_mask"])
+        if "loss_mask" in row:
+            row["loss_mask"] = torch.zeros_like(row["loss_mask"])
+        pad_tag["is_padding"], pad_tag["is_replay"] = True, False
+        rows.append(row)
+        tags.append(pad_tag)
+    return rows, tags
+
+
 def td_column(td: TensorDict, key: str) -> list:
     """A non-tensor column of a TransferQueue read as a python list (NonTensorStack, LinkedList, ...)."""
     value = td.get(key)
@@ -625,6 +646,7 @@ class GroupStep:
     tags: dict[str, dict]
     fresh_rows: int
     replay_keys: list[str] = field(default_factory=list)
+    padding_keys: list[str] = field(default_factory=list)  # our no-op rows completing the mini-batches
     replay_uids: list[str] = field(default_factory=list)
     replay_scores: list[float] = field(default_factory=list)
     replay_tokens: int = 0
@@ -736,9 +758,10 @@ class GroupReplayTrainer(ReplayTrainerBase):
         if not step.replay_keys:
             return batch
         # replayed rows leave now: verl's metrics, sample counts and end-of-step clear see fresh rows
-        replay = set(step.replay_keys)
-        tq.kv_clear(keys=step.replay_keys, partition_id=batch.partition_id)
-        return batch.select_keys([k for k in batch.keys if k not in replay])
+        ours = step.replay_keys + step.padding_keys
+        tq.kv_clear(keys=ours, partition_id=batch.partition_id)
+        ours = set(ours)
+        return batch.select_keys([k for k in batch.keys if k not in ours])
 
     def _balance_batch(self, batch: KVBatchMeta, metrics, logging_prefix="global_seqlen", keep_minibatch=False):
         if not (self.replay_enabled() and self._group_step is None):
@@ -815,30 +838,41 @@ class GroupReplayTrainer(ReplayTrainerBase):
                 if isinstance(rows[i].get("extra_fields"), dict):
                     rows[i]["extra_fields"]["reward_extra_info"] = extra
 
-        prefix = f"{self.config_node}{uuid.uuid4().hex[:12]}"  # never a prompt uid of verl's buffer
-        keys = [f"{prefix}_{j}_0" for j in range(len(rows))]
-        tq.kv_batch_put(keys=keys, partition_id=pid, fields=rows_to_td(rows, self._template_like), tags=tags)
-        if scored is None:  # a colocated reward model scores batches, not single rows
-            need = [keys[i] for i in to_score]
-            self._compute_reward_colocate(KVBatchMeta(partition_id=pid, keys=need, tags=[tags[i] for i in to_score]))
-
-        step.replay_keys = keys
-        step.replay_uids = [s.uid for s in specs]
-        scores = tq.kv_batch_get(keys=keys, partition_id=pid, select_fields=["rm_scores"])["rm_scores"]
-        step.replay_scores = [float(r.float().sum()) for r in scores.unbind(0)]
-        step.replay_tokens = int(sum(int(torch.as_tensor(r["responses"]).numel()) for r in rows))
-        step.stored = {k: s.stored_log_probs.float() for k, s in zip(keys, specs) if s.stored_log_probs is not None}
-        step.on_policy_keys = [k for k, s in zip(keys, specs) if s.stored_log_probs is None]
-
         step.num_minibatches, step.mini_rows = plan_minibatches(
-            step.fresh_rows, step.fresh_rows + len(keys),
+            step.fresh_rows, step.fresh_rows + len(rows),
             rows_per_minibatch=int(self.config.actor_rollout_ref.actor.ppo_mini_batch_size)
             * int(self.config.actor_rollout_ref.rollout.n),
             row_multiple=self._replay_row_multiple(self._actor_dp_size()),
             batch_multiple=self._forward_row_multiple(self._actor_dp_size()),
         )
+        # Fill up to steps x rows ourselves: verl's padding rows are 128-token synthetic sequences,
+        # ours reuse a real prompt with one masked-out token (cheaper forwards, same no-op).
+        n_pad = step.num_minibatches * step.mini_rows - step.fresh_rows - len(rows)
+        pad_rows, pad_tags = padding_rows(*templates[specs[0].uid], n_pad, eos_token_id=self.tokenizer.eos_token_id)
+
+        prefix = f"{self.config_node}{uuid.uuid4().hex[:12]}"  # never a prompt uid of verl's buffer
+        keys = [f"{prefix}_{j}_0" for j in range(len(rows))]
+        pad_keys = [f"{prefix}pad_{j}_0" for j in range(n_pad)]
+        tq.kv_batch_put(
+            keys=keys + pad_keys, partition_id=pid, fields=rows_to_td(rows + pad_rows, self._template_like),
+            tags=tags + pad_tags,
+        )
+        if scored is None:  # a colocated reward model scores batches, not single rows
+            need = [keys[i] for i in to_score]
+            self._compute_reward_colocate(KVBatchMeta(partition_id=pid, keys=need, tags=[tags[i] for i in to_score]))
+            scores = tq.kv_batch_get(keys=keys, partition_id=pid, select_fields=["rm_scores"])["rm_scores"].unbind(0)
+        else:
+            scores = [r["rm_scores"] for r in rows]
+
+        step.replay_keys = keys
+        step.padding_keys = pad_keys
+        step.replay_uids = [s.uid for s in specs]
+        step.replay_scores = [float(r.float().sum()) for r in scores]
+        step.replay_tokens = int(sum(int(torch.as_tensor(r["responses"]).numel()) for r in rows))
+        step.stored = {k: s.stored_log_probs.float() for k, s in zip(keys, specs) if s.stored_log_probs is not None}
+        step.on_policy_keys = [k for k, s in zip(keys, specs) if s.stored_log_probs is None]
         return KVBatchMeta(
-            partition_id=pid, keys=list(batch.keys) + keys, tags=list(batch.tags) + tags,
+            partition_id=pid, keys=list(batch.keys) + keys + pad_keys, tags=list(batch.tags) + tags + pad_tags,
             fields=batch.fields, extra_info=dict(batch.extra_info or {}),
         )
 
