@@ -787,7 +787,9 @@ class GroupReplayTrainer(ReplayTrainerBase):
     def _compute_old_log_prob(self, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
         out = super()._compute_old_log_prob(batch, metrics)
         step = self._group_step
-        if step is not None and step.replay_keys:
+        corr = self.config.algorithm.get("rollout_correction", None)
+        bypass = bool(corr and corr.get("bypass_mode", False))  # no forward ran: nothing to amend
+        if step is not None and step.replay_keys and not bypass:
             self._after_old_log_prob(batch, step, metrics)
         return out
 
