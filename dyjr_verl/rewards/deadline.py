@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 __all__ = [
+    "LazyPool",
     "DeadlineExceeded",
     "WorkerCrashed",
     "PoolStartError",
@@ -638,3 +639,43 @@ class DeadlinePool:
         else:
             task.future.set_exception(msg[1])
 
+
+
+class LazyPool:
+    """A process-wide :class:`DeadlinePool` created on first use (rewards import cheaply in every
+    verl process and most never score). :meth:`configure` changes its settings and restarts it."""
+
+    def __init__(self, name: str, *, memory_limit_mb: int | None, preload: Sequence[str] = (),
+                 initializer: Callable[[], Any] | None = None) -> None:
+        self.name = name
+        self.default_memory_limit_mb = memory_limit_mb
+        self._preload = tuple(preload)
+        self._initializer = initializer
+        self._settings: dict[str, Any] = {}
+        self._pool: DeadlinePool | None = None
+        self._lock = threading.Lock()
+
+    def configure(self, max_workers: int | None = None, memory_limit_mb: int | None = None,
+                  start_method: str | None = None) -> None:
+        with self._lock:
+            self._settings = {"max_workers": max_workers, "memory_limit_mb": memory_limit_mb,
+                              "start_method": start_method}
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
+
+    def get(self) -> DeadlinePool:
+        pool = self._pool
+        if pool is not None:
+            return pool
+        with self._lock:
+            if self._pool is None:
+                self._pool = DeadlinePool(
+                    self.name,
+                    self._settings.get("max_workers") or default_worker_count(),
+                    start_method=self._settings.get("start_method"),
+                    preload=self._preload,
+                    memory_limit_mb=self._settings.get("memory_limit_mb", self.default_memory_limit_mb),
+                    initializer=self._initializer,
+                )
+            return self._pool

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import re
-import threading
 from decimal import Decimal, InvalidOperation
 from typing import Any, Iterable, NamedTuple, Sequence
 
@@ -33,9 +32,9 @@ from dyjr_verl.rewards import bool_option
 from dyjr_verl.rewards.deadline import (
     DeadlineExceeded,
     DeadlinePool,
+    LazyPool,
     PoolStartError,
     by_reference,
-    default_worker_count,
     in_fork_server,
     register_preload,
 )
@@ -320,40 +319,20 @@ register_preload(*_MATH_PRELOAD, _MODULE)
 if in_fork_server():  # this module is being preloaded by the fork server: warm what workers will inherit
     _warm_fork_server()
 
-_pool: DeadlinePool | None = None
-_pool_lock = threading.Lock()
-_pool_settings: dict[str, Any] = {}
+_POOL = LazyPool("math-verify", memory_limit_mb=2048, preload=_MATH_PRELOAD,
+                 initializer=by_reference(_warm_worker, _MODULE))
 
 
 def configure_pool(
     max_workers: int | None = None, memory_limit_mb: int | None = 2048, start_method: str | None = None
 ) -> None:
     """Set the worker count / memory cap of the shared Math-Verify pool (restarts it if already running)."""
-    global _pool
-    with _pool_lock:
-        _pool_settings.update(max_workers=max_workers, memory_limit_mb=memory_limit_mb, start_method=start_method)
-        if _pool is not None:
-            _pool.shutdown()
-            _pool = None
+    _POOL.configure(max_workers, memory_limit_mb, start_method)
 
 
 def get_pool() -> DeadlinePool:
     """The process-wide Math-Verify pool; created on first use, workers started on demand."""
-    global _pool
-    pool = _pool
-    if pool is not None:
-        return pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = DeadlinePool(
-                "math-verify",
-                _pool_settings.get("max_workers") or default_worker_count(),
-                start_method=_pool_settings.get("start_method"),
-                preload=_MATH_PRELOAD,
-                memory_limit_mb=_pool_settings.get("memory_limit_mb", 2048),
-                initializer=by_reference(_warm_worker, _MODULE),
-            )
-        return _pool
+    return _POOL.get()
 
 
 # --------------------------------------------------------------------------------------------------

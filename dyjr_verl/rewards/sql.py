@@ -54,9 +54,9 @@ from dyjr_verl.rewards import bool_option
 from dyjr_verl.rewards.deadline import (
     DeadlineExceeded,
     DeadlinePool,
+    LazyPool,
     PoolStartError,
     by_reference,
-    default_worker_count,
 )
 
 __all__ = [
@@ -488,39 +488,18 @@ def results_match(
 # pool and gold cache
 
 _MODULE = "dyjr_verl.rewards.sql"  # the importable name, also when verl loaded this file by path
-_pool: DeadlinePool | None = None
-_pool_lock = threading.Lock()
-_pool_settings: dict[str, Any] = {}
-
+_POOL = LazyPool("sql-exec", memory_limit_mb=WORKER_MEMORY_LIMIT_MB, initializer=by_reference(_worker_init, _MODULE))
 
 def configure_pool(
     max_workers: int | None = None, memory_limit_mb: int | None = WORKER_MEMORY_LIMIT_MB, start_method: str | None = None
 ) -> None:
     """Set the worker count / memory cap of the shared SQL pool (restarts it if already running)."""
-    global _pool
-    with _pool_lock:
-        _pool_settings.update(max_workers=max_workers, memory_limit_mb=memory_limit_mb, start_method=start_method)
-        if _pool is not None:
-            _pool.shutdown()
-            _pool = None
+    _POOL.configure(max_workers, memory_limit_mb, start_method)
 
 
 def get_pool() -> DeadlinePool:
     """The process-wide SQL execution pool; created on first use, workers started on demand."""
-    global _pool
-    pool = _pool
-    if pool is not None:
-        return pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = DeadlinePool(
-                "sql-exec",
-                _pool_settings.get("max_workers") or default_worker_count(),
-                start_method=_pool_settings.get("start_method"),
-                memory_limit_mb=_pool_settings.get("memory_limit_mb", WORKER_MEMORY_LIMIT_MB),
-                initializer=by_reference(_worker_init, _MODULE),
-            )
-        return _pool
+    return _POOL.get()
 
 
 class _Gold(NamedTuple):
