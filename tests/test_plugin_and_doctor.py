@@ -72,3 +72,18 @@ def test_doctor_fails_when_a_component_is_missing():
     )
     assert out.returncode == 1
     assert "error: trainer 'not_registered_anywhere' is not registered" in out.stderr
+
+
+def test_registration_survives_importing_our_trainer_modules_first():
+    # Importing a trainer module before verl's v1 package used to run the registration hook while
+    # replay_trainer was half initialised: rlep/exgrpo failed to register (a circular import).
+    for first in ("dyjr_verl.trainer.replay_trainer", "dyjr_verl.trainer.rlep", "dyjr_verl.trainer.exgrpo"):
+        out = _py(
+            f"""
+            import {first}
+            from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
+            import dyjr_verl.plugin as p
+            print("modes", sorted(m for m in ("dyjr", "rlep", "exgrpo") if m in TRAINER_REGISTRY), len(p.LOAD_ERRORS))
+            """
+        )
+        assert "modes ['dyjr', 'exgrpo', 'rlep'] 0" in out.stdout, (first, out.stdout, out.stderr[-2000:])
