@@ -36,3 +36,17 @@ def tiny_assets(tmp_path_factory) -> Path:
     from dyjr_verl.assets.build import AssetSpec, build
 
     return build(tmp_path_factory.mktemp("tiny_assets"), AssetSpec())
+
+
+@pytest.fixture
+def one_intra_op_thread():
+    """Many small block ops (the top-k kernel tests): on a shared 2-core machine intra-op thread
+    barriers make them erratic (seconds instead of tens of ms); one thread keeps them fast and steady."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)

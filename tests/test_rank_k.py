@@ -13,16 +13,8 @@ from dyjr_verl.analysis.rank_k import RankKAccumulator, find_rank_k_keys, main, 
 from dyjr_verl.analysis.steps import parse_log
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Many small block ops: on a shared 2-core machine intra-op thread barriers make them
-    erratic (seconds instead of tens of ms); one thread keeps this file fast and steady."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
+# many small block ops: see the one_intra_op_thread fixture in conftest.py
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def reference(logits, mask, k, temperature=1.0):
