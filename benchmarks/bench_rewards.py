@@ -18,7 +18,6 @@ import os
 import platform
 import random
 import statistics
-import re
 import sqlite3
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
+
+from machine import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 FILLER = (
     "We start by restating the problem and identifying the quantities involved. "
@@ -46,17 +47,9 @@ def _version(dist: str) -> str:
 
 
 def machine_info() -> dict[str, str]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
         "nproc": str(os.cpu_count()),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "python": platform.python_version(),
         "torch": _version("torch"),
         "verl": _version("verl"),

@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from dyjr_verl.analysis.steps import parse_log  # noqa: E402
 from dyjr_verl.assets.build import build, default_assets_dir  # noqa: E402
+from machine import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def _actor_rss(root: psutil.Process) -> int:
@@ -96,14 +97,7 @@ def run(recipe: str, steps: int, assets: Path, extra: list[str]) -> dict:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     import torch
     import verl
 
