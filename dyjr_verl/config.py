@@ -23,7 +23,7 @@ Example YAML (all keys optional; these are the defaults)::
       buffer: {max_age: 4, capacity: 4096, window: fixed, min_age: 1,
                drift_high: 0.2, drift_low: 0.05, shrink_step: 1, grow_step: 1, grow_patience: 2,
                admit: correct, admit_threshold: null, correct_threshold: 0.5}
-      js: {coef: 0.1, estimator: sampled, log_u_clamp: 20.0, normalizer: separate}
+      js: {coef: 0.1, estimator: sampled, topk_k: 8, log_u_clamp: 20.0, normalizer: separate}
       replay: {size: 0.125, min_buffer: 0, seed: 0}
 """
 
@@ -44,6 +44,7 @@ __all__ = [
     "JSConfig",
     "ReplayConfig",
     "DyJRConfig",
+    "DiagnosticsConfig",
 ]
 
 
@@ -326,7 +327,11 @@ class JSConfig(ConfigNode):
     """Sampled-token JS regulariser on replayed tokens (see :mod:`dyjr_verl.losses.js`).
 
     coef: lambda >= 0 multiplying the replay term.
-    estimator: ``sampled`` (f_JS of the sampled token's probability ratio). ``topk`` is reserved.
+    estimator: ``sampled`` (f_JS of the sampled token's probability ratio; unbiased, noisy) or
+        ``topk`` (exact JS over the stored top-k support {top-k ids} + {rest}, recorded in the
+        old-log-prob pass; needs that pass -- no rollout-correction bypass mode -- and the FSDP
+        engine without fused kernels; see docs/topk.md).
+    topk_k: ids per position stored with each trajectory for ``topk`` (``6k + 2`` bytes/token).
     log_u_clamp: log u = log pi_theta - stored is clamped to [-c, c] before f_JS; 20 matches
         verl's own ratio clamp and keeps f_JS finite (f_JS(e^20) ~ 3.4e8) in fp32 and bf16;
         gradients are zero beyond the clamp.
@@ -338,6 +343,7 @@ class JSConfig(ConfigNode):
 
     coef: float = 0.1
     estimator: Literal["sampled", "topk"] = "sampled"
+    topk_k: int = 8
     log_u_clamp: float = 20.0
     normalizer: Literal["separate", "joint"] = "separate"
 
@@ -346,8 +352,7 @@ class JSConfig(ConfigNode):
             c.ge("coef", self.coef, 0)
         if c.finite("log_u_clamp", self.log_u_clamp):
             c.gt("log_u_clamp", self.log_u_clamp, 0)
-        if c.ok("estimator") and self.estimator == "topk":
-            c.error("estimator", ": 'topk' is not available yet (reserved); use 'sampled'")
+        c.ge("topk_k", self.topk_k, 1)
 
 
 @dataclass
@@ -397,3 +402,24 @@ class DyJRConfig(ConfigNode):
     buffer: BufferConfig = field(default_factory=BufferConfig)
     js: JSConfig = field(default_factory=JSConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+
+
+@dataclass
+class DiagnosticsConfig(ConfigNode):
+    """The top-level ``diagnostics:`` node, read by every dyjr_verl trainer mode (``sync_rank_k``
+    for GRPO, ``dyjr``, ``rlep``, ``exgrpo``).
+
+    rank_k: log ``rank_k/p1`` .. ``p{rank_k}``, ``rank_k/top{rank_k}_mass`` and ``rank_k/entropy``
+        per step: the mean probability of the Rank-i token over the step's response positions,
+        computed in verl's old-log-prob forward (no extra pass; absent in rollout-correction bypass
+        mode, where that forward does not run). 0 turns it off.
+    """
+
+    default_path: ClassVar[str] = "diagnostics"
+
+    rank_k: int = 8
+
+    def check(self, c: Checker) -> None:
+        c.ge("rank_k", self.rank_k, 0)
+        if c.ok("rank_k") and self.rank_k > 64:
+            c.error("rank_k", f"must be <= 64, got {self.rank_k}")

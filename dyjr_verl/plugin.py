@@ -35,6 +35,7 @@ class Component:
 COMPONENTS: tuple[Component, ...] = (
     Component("platform", "cpu", "dyjr_verl.compat.cpu_platform", None, cpu_only=True),
     Component("policy_loss", "dyjr_js", "dyjr_verl.losses.js", "verl.trainer.ppo.core_algos"),
+    Component("trainer", "sync_rank_k", "dyjr_verl.trainer.probe", "verl.trainer.ppo.v1"),
     Component("trainer", "dyjr", "dyjr_verl.trainer.replay_trainer", "verl.trainer.ppo.v1"),
     Component("trainer", "rlep", "dyjr_verl.trainer.rlep", "verl.trainer.ppo.v1"),
     Component("trainer", "exgrpo", "dyjr_verl.trainer.exgrpo", "verl.trainer.ppo.v1"),

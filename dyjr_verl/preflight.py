@@ -78,8 +78,48 @@ def check(config: DictConfig) -> list[str]:
     node = OmegaConf.select(config, "dyjr")
     if node is not None:
         problems.extend(_check_method_node(node))
+        problems.extend(_check_topk_estimator(node, config))
     problems.extend(_check_baseline_nodes(config))
+    problems.extend(_check_diagnostics(config))
     return problems
+
+
+def bypass_mode(config: DictConfig) -> bool:
+    """verl's rollout-correction bypass mode: old log-probs = rollout log-probs, no forward runs."""
+    corr = OmegaConf.select(config, "algorithm.rollout_correction", default=None)
+    return bool(corr and corr.get("bypass_mode", False))
+
+
+def probe_unsupported(config: DictConfig) -> str | None:
+    """Why the old-log-prob probe (Rank-k metrics, DyJR's top-k record; dyjr_verl/losses/probe.py)
+    cannot run with this config; None when it can."""
+    if bypass_mode(config):
+        return "algorithm.rollout_correction.bypass_mode=true (no old-log-prob forward runs)"
+    strategy = OmegaConf.select(config, "actor_rollout_ref.actor.strategy", default="fsdp")
+    if str(strategy) not in ("fsdp", "fsdp2"):
+        return f"actor strategy {strategy!r} (the logits processor needs the FSDP engine)"
+    if OmegaConf.select(config, "actor_rollout_ref.model.use_fused_kernels", default=False):
+        return "actor_rollout_ref.model.use_fused_kernels=true (fused kernels produce no logits)"
+    if OmegaConf.select(config, "distillation.enabled", default=False):
+        return "distillation.enabled=true (verl's distillation loss owns the logits processor)"
+    return None
+
+
+def _check_topk_estimator(node: DictConfig, config: DictConfig) -> list[str]:
+    if OmegaConf.select(node, "js.estimator", default="sampled") != "topk":
+        return []
+    why = probe_unsupported(config)
+    return [f"dyjr.js.estimator=topk needs verl's old-log-prob forward: not with {why}"] if why else []
+
+
+def _check_diagnostics(config: DictConfig) -> list[str]:
+    from dyjr_verl.config import ConfigError, DiagnosticsConfig
+
+    try:
+        DiagnosticsConfig.from_omegaconf(OmegaConf.select(config, "diagnostics"), path="diagnostics")
+    except ConfigError as exc:
+        return list(exc.errors)
+    return []
 
 
 def _check_method_node(node: DictConfig) -> list[str]:

@@ -67,7 +67,7 @@ def test_from_omegaconf_and_overrides():
         ({"buffer": {"grow_patience": 0}}, "dyjr.buffer.grow_patience", "must be >= 1"),
         ({"js": {"coef": -0.1}}, "dyjr.js.coef", "must be >= 0"),
         ({"js": {"coef": float("inf")}}, "dyjr.js.coef", "finite"),
-        ({"js": {"estimator": "topk"}}, "dyjr.js.estimator", "not available yet"),
+        ({"js": {"topk_k": 0}}, "dyjr.js.topk_k", "must be >= 1"),
         ({"js": {"estimator": "full"}}, "dyjr.js.estimator", "must be one of 'sampled', 'topk'"),
         ({"js": {"log_u_clamp": 0}}, "dyjr.js.log_u_clamp", "must be > 0"),
         ({"js": {"normalizer": "both"}}, "dyjr.js.normalizer", "must be one of"),
@@ -98,7 +98,7 @@ def test_all_errors_are_collected_one_per_line():
     errs = errors_of(
         {
             "buffer": {"max_age": 0, "capacity": 0, "window": "adaptiv"},
-            "js": {"coef": -1, "estimator": "topk"},
+            "js": {"coef": -1, "estimator": "topk", "topk_k": 0},
             "replay": {"size": 2.0},
             "enabel": True,
         }
@@ -144,4 +144,17 @@ def test_nodes_are_reusable_by_other_methods():
         "rlep.mode must be one of 'uniform', 'recent', got 'recnt' (did you mean 'recent'?)",
         "rlep.replay.seed must be an integer, got 'x'",
         "rlep.replay_per_prompt must be >= 0, got -1",
+    ]
+
+
+def test_diagnostics_node():
+    from dyjr_verl.config import DiagnosticsConfig
+
+    assert DiagnosticsConfig.from_dict({}).rank_k == 8
+    assert DiagnosticsConfig.from_dict({"rank_k": 0}).rank_k == 0
+    with pytest.raises(ConfigError) as info:
+        DiagnosticsConfig.from_dict({"rank_k": 65, "rankk": 1})
+    assert sorted(info.value.errors) == [
+        "diagnostics.rank_k must be <= 64, got 65",
+        "diagnostics.rankk: unknown key (did you mean 'rank_k'?)",
     ]

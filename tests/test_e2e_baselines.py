@@ -91,6 +91,7 @@ def test_exgrpo_builds_a_pool_and_replays_lowest_entropy_trajectories(assets, tm
         assert m["actor/replay/rows"] > 0 and 0.5 < m["actor/replay/u_mean"] < 2.0
         assert 0.8 < m["actor/replay/weight_mean"] < 0.96
     assert max(m["exgrpo/select/entropy_chosen"] for m in steps) > 0  # the entropy forward ran
+    assert all(0 < m["rank_k/p2"] <= m["rank_k/p1"] <= 1 and m["rank_k/entropy"] > 0 for m in steps)  # probe
     assert sum(m["exgrpo/pool/bucket/1"] + m["exgrpo/pool/bucket/2"] + m["exgrpo/pool/bucket/3"] for m in steps) > 0
     assert max(_series(run, "training/rollout_probs_diff_mean")) < 0.05
 

@@ -28,6 +28,15 @@ def _series(run, key):
     return [run.steps[s][key] for s in sorted(run.steps) if key in run.steps[s]]
 
 
+def assert_rank_k_logged(run, k=8):
+    """Rank-1..k probabilities + entropy from the old-log-prob probe on every step."""
+    for step, m in sorted(run.steps.items()):
+        p = [m[f"rank_k/p{i}"] for i in range(1, k + 1)]
+        assert all(a >= b for a, b in zip(p, p[1:])) and 0 < p[-1] and p[0] <= 1, (step, p)
+        assert m[f"rank_k/top{k}_mass"] == pytest.approx(sum(p)) and sum(p) <= 1 + 1e-6
+        assert m["rank_k/entropy"] > 0 and m["rank_k/tokens"] > 0
+
+
 def test_grpo_tiny_recipe_trains_through_main_ppo(assets, tmp_path):
     run = run_main_ppo("grpo_tiny_cpu", assets, tmp_path, "trainer.total_training_steps=3")
     assert run.returncode == 0, run.tail()
@@ -40,6 +49,8 @@ def test_grpo_tiny_recipe_trains_through_main_ppo(assets, tmp_path):
     # the weights vLLM samples with are the weights FSDP trains (in-place sync through the shim)
     assert max(_series(run, "training/rollout_probs_diff_mean")) < 0.05
     assert min(_series(run, "training/rollout_actor_probs_pearson_corr")) > 0.95
+    # trainer mode sync_rank_k: verl's GRPO plus the Rank-k metrics of every step
+    assert_rank_k_logged(run)
 
 
 def test_dyjr_tiny_recipe_replays_through_the_js_term(assets, tmp_path):
@@ -82,11 +93,32 @@ def test_dyjr_tiny_recipe_replays_through_the_js_term(assets, tmp_path):
     assert resumed.steps[4]["dyjr/replay/rows"] > 0  # replays restored rows right away
 
 
+def test_dyjr_topk_estimator_records_top_k_and_trains_on_exact_js(assets, tmp_path):
+    """dyjr.js.estimator=topk: the old-log-prob probe stores each trajectory's top-k record, the
+    update runs the engine's logits-processor path and the replay term is the exact top-k JS."""
+    run = run_main_ppo(
+        "dyjr_tiny_cpu", assets, tmp_path,
+        "trainer.total_training_steps=3", "dyjr.js.estimator=topk", "dyjr.js.topk_k=4", "dyjr.buffer.admit=all",
+    )
+    assert run.returncode == 0, run.tail()
+    assert sorted(run.steps) == [1, 2, 3], run.tail()
+    for step in (2, 3):
+        m = run.steps[step]
+        assert m["actor/replay/rows"] > 0 and m["actor/replay/term"] > 0, m
+        # current-policy mass on the 4 stored ids of a one-step-old record: most of it, not all
+        assert 0.5 < m["actor/replay/topk_cur_mass"] < 1.0, m
+        assert 0 <= m["actor/replay/weight_mean"] <= 0.6931472  # mean JSD lies in [0, log 2]
+    assert max(_series(run, "actor/grad_norm")) > 0.0
+    assert_rank_k_logged(run)
+
+
 def test_bad_input_fails_fast_with_one_line(assets, tmp_path):
     cases = {
         "actor_rollout_ref.model.path=/nonexistent/model": "actor_rollout_ref.model.path does not exist",
         "dyjr.js.coef=-1": "dyjr.js.coef",
         "dyjr.buffer.admit=sometimes": "dyjr.buffer.admit",
+        "dyjr.js.estimator=topk actor_rollout_ref.model.use_fused_kernels=true": "dyjr.js.estimator=topk needs",
+        "diagnostics.rank_k=-1": "diagnostics.rank_k must be >= 0",
         "transfer_queue.backend.SimpleStorage.num_data_storage_units=8 ray_kwargs.ray_init.num_cpus=2":
             "TransferQueue would start 8 storage actors",
     }

@@ -447,29 +447,3 @@ def test_logits_processor_sequence_parallel_slices(monkeypatch):
         assert float(full[key].abs().sum()) > 0
 
 
-def test_record_pass_builds_the_response_aligned_record():
-    """Forward with the record flag (e.g. verl's old-log-prob pass): the processor emits the top-k
-    record of every position, the loss is skipped, and the driver helper rebuilds what
-    build_topk_record gives on the response positions."""
-    policy_q = PackedPolicy(1)
-    td, ends = make_batch(policy_q, k=4)
-    cfg = actor_config()
-    fn = make_topk_js_replay_loss_fn(cfg)
-    tu.assign_non_tensor(td, **{T.TOPK_RECORD_FLAG: 4})
-    with torch.no_grad():
-        logits = policy_q.logits(td)
-        out = fn(student_logits=logits[None], data=td)
-        assert len(out) == 9 and all(v.shape == (1, logits.shape[0]) for v in out.values())
-        cu = td["input_ids"].offsets()
-        mo = {k: torch.nested.nested_tensor_from_jagged(v.squeeze(0), cu) for k, v in out.items()}
-        loss, metrics = fn(model_output=mo, data=td, dp_group=None)
-    assert float(loss) == 0.0 and metrics == {}
-    rec = T.record_from_model_output(mo, td, 4)
-    assert rec.ids.dtype == torch.int32 and rec.ids.shape == td[TOPK_IDS_KEY].shape
-    lens = [len(r) for r in td["responses"].unbind()]
-    for b, n in enumerate(lens):
-        assert torch.equal(rec.ids[b, :n], td[TOPK_IDS_KEY][b, :n])
-        torch.testing.assert_close(rec.logp[b, :n], td[TOPK_LOGP_KEY][b, :n])
-        torch.testing.assert_close(rec.log_rest[b, :n], td[TOPK_LOG_REST_KEY][b, :n])
-    with pytest.raises(KeyError, match=T.TOPK_RECORD_FLAG):
-        T.record_from_model_output(mo, td, 5)

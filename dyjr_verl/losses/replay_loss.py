@@ -245,7 +245,12 @@ class ReplayLossSpec:
     def from_dyjr_config(cls, cfg: Any, **overrides: Any) -> "ReplayLossSpec":
         """DyJR spec from a :class:`dyjr_verl.config.DyJRConfig` (or its ``js`` node)."""
         js = getattr(cfg, "js", cfg)
-        kwargs = dict(kind="js", coef=js.coef, log_u_clamp=js.log_u_clamp, normalizer=js.normalizer)
+        kind = "js"
+        if getattr(js, "estimator", "sampled") == "topk":
+            import dyjr_verl.losses.topk_js  # noqa: F401  (registers the 'topk_js' term)
+
+            kind = "topk_js"
+        kwargs = dict(kind=kind, coef=js.coef, log_u_clamp=js.log_u_clamp, normalizer=js.normalizer)
         kwargs.update(overrides)
         return cls(**kwargs)
 

@@ -85,6 +85,7 @@ __all__ = [
     "topk_jsd_from_hidden",
     "topk_js_loss",
     "topk_js_logits_processor",
+    "response_positions",
     "topk_js_replay_loss",
     "make_topk_js_replay_loss_fn",
     "TOPK_JS_SPEC",
@@ -379,14 +380,34 @@ def _non_tensor(data, key: str, default: Any) -> Any:
         return default
 
 
-@torch.no_grad()
-def _record_outputs(logits: torch.Tensor, k: int, backend: str) -> dict[str, torch.Tensor]:
-    """Record pass: the top-k record of every packed position, as 2k+1 per-token outputs."""
-    rec = build_topk_record(logits.detach(), k, dtype=torch.float32, backend=backend)
-    out = {f"{TOPK_RECORD_PREFIX}id{i}": rec.ids[:, i].long()[None] for i in range(k)}
-    out.update({f"{TOPK_RECORD_PREFIX}logp{i}": rec.logp[:, i][None] for i in range(k)})
-    out[f"{TOPK_RECORD_PREFIX}log_rest"] = rec.log_rest[None]
-    return out
+def response_positions(
+    data, n_local: int, device: torch.device, *, row_filter: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Where the response tokens of a micro-batch sit in the engine's packed logits.
+
+    Packed position ``t`` predicts token ``t + 1``; response token ``j`` of row ``b`` is therefore
+    scored at ``end_b - resp_len_b - 1 + j`` (verl's ``no_padding_2_padding`` rule). Returns
+    ``(rows, want, width)``: ``rows`` [M] local packed positions (this Ulysses rank's slice of
+    ``n_local`` positions) of the selected tokens in row-major (row, token) order, ``want``
+    [B, width] bool (response token j of row b is selected and local), ``width`` = longest response.
+    Selected: inside the response length, ``response_mask`` set, and ``row_filter`` [B] when given.
+    """
+    bsz = int(data.batch_size[0])
+    p_len, r_len = (t.to(device).long() for t in _prompt_response_lengths(data))
+    seq_end = (p_len + r_len).cumsum(0)
+    width = int(r_len.max()) if r_len.numel() else 0
+    resp_mask = _dense(data["response_mask"]).to(device).bool()
+    if resp_mask.shape[0] != bsz or resp_mask.shape[1] < width:
+        raise ValueError(f"'response_mask' has shape {tuple(resp_mask.shape)}: need {bsz} rows and >= {width} positions")
+    j = torch.arange(width, device=device)
+    want = (j[None, :] < r_len[:, None]) & resp_mask[:, :width]
+    if row_filter is not None:
+        want = want & row_filter.to(device).bool()[:, None]
+    pos = (seq_end - r_len - 1)[:, None] + j[None, :]  # packed (global) position of each response token
+    _, rank = _sp_world_rank()
+    lo = rank * n_local
+    want = want & (pos >= lo) & (pos < lo + n_local)
+    return (pos[want] - lo).long(), want, width
 
 
 def record_from_model_output(model_output, data, k: int, *, dtype: torch.dtype = torch.bfloat16) -> TopKRecord:
@@ -424,17 +445,11 @@ def topk_js_logits_processor(student_logits: torch.Tensor, data, *, backend: str
     or jagged. Returns ``{TOPK_JSD_KEY: (1, nnz_local) with grad, TOPK_MASS_KEY: (1, nnz_local)
     detached current mass on the stored ids}``.
 
-    Record pass: when the non-tensor flag :data:`TOPK_RECORD_FLAG` is an int k > 0, returns instead
-    the top-k record of *every* packed position (no gradient) as 2k+1 per-token outputs
-    ``TOPK_RECORD_PREFIX + id{i} / logp{i} / log_rest``; :func:`record_from_model_output` turns them
-    into the response-aligned record on the driver.
+    The record itself is produced by the old-log-prob probe (:mod:`dyjr_verl.losses.probe`).
     """
     logits = student_logits.reshape(-1, student_logits.shape[-1])
     n_local = logits.shape[0]
     device = logits.device
-    record_k = int(_non_tensor(data, TOPK_RECORD_FLAG, 0) or 0)
-    if record_k > 0:
-        return _record_outputs(logits, record_k, backend)
     zeros = torch.zeros(n_local, device=device, dtype=torch.float32)
     bsz = int(data.batch_size[0])
     if REPLAY_MASK_KEY not in data.keys():
@@ -446,24 +461,13 @@ def topk_js_logits_processor(student_logits: torch.Tensor, data, *, backend: str
     if missing:
         raise KeyError(f"micro-batch has replay rows but not the top-k record fields {missing} (see docs/topk.md)")
 
-    p_len, r_len = (t.to(device).long() for t in _prompt_response_lengths(data))
-    seq_end = (p_len + r_len).cumsum(0)
-    width = int(r_len.max()) if r_len.numel() else 0
     ids = _dense(data[TOPK_IDS_KEY]).to(device)
     logq = _dense(data[TOPK_LOGP_KEY]).to(device)
     lrest_q = _dense(data[TOPK_LOG_REST_KEY]).to(device)
-    resp_mask = _dense(data["response_mask"]).to(device).bool()
-    for name, t in ((TOPK_IDS_KEY, ids), (TOPK_LOGP_KEY, logq), (TOPK_LOG_REST_KEY, lrest_q), ("response_mask", resp_mask)):
+    rows, want, width = response_positions(data, n_local, device, row_filter=replay)
+    for name, t in ((TOPK_IDS_KEY, ids), (TOPK_LOGP_KEY, logq), (TOPK_LOG_REST_KEY, lrest_q)):
         if t.shape[0] != bsz or t.shape[1] < width:
             raise ValueError(f"'{name}' has shape {tuple(t.shape)}: need {bsz} rows and >= {width} response positions")
-    j = torch.arange(width, device=device)
-    want = (j[None, :] < r_len[:, None]) & replay[:, None] & resp_mask[:, :width]
-    pos = (seq_end - r_len - 1)[:, None] + j[None, :]  # packed (global) position of each response token
-
-    sp, rank = _sp_world_rank()
-    lo = rank * n_local
-    want = want & (pos >= lo) & (pos < lo + n_local)
-    rows = (pos[want] - lo).long()
     if rows.numel() == 0:
         return {TOPK_JSD_KEY: zeros[None], TOPK_MASS_KEY: zeros[None].clone()}
     k = ids.shape[-1]
@@ -527,8 +531,6 @@ def topk_js_replay_loss(
     """
     if student_logits is not None:
         return topk_js_logits_processor(student_logits, data, backend=backend)
-    if int(_non_tensor(data, TOPK_RECORD_FLAG, 0) or 0) > 0:  # record pass: outputs only, no loss
-        return torch.zeros((), device=_any_device(model_output)), {}
     if spec.kind != TOPK_JS_TERM:
         raise ValueError(f"topk_js_replay_loss needs spec.kind={TOPK_JS_TERM!r}, got {spec.kind!r}")
     from verl.workers.utils.padding import no_padding_2_padding
@@ -555,13 +557,6 @@ def topk_js_replay_loss(
     if mass is not None and padded is not None:
         metrics[f"{spec.metric_prefix}topk_cur_mass"] = _mass_metric(mass, data)
     return loss, metrics
-
-
-def _any_device(model_output) -> torch.device:
-    for v in (model_output.values() if hasattr(model_output, "values") else []):
-        if isinstance(v, torch.Tensor):
-            return v.device
-    return torch.device("cpu")
 
 
 def _mass_metric(mass, data):

@@ -63,8 +63,6 @@ from transfer_queue import KVBatchMeta
 from verl.protocol import DataProto
 from verl.trainer.ppo.core_algos import agg_loss
 from verl.trainer.ppo.v1.trainer_base import register_trainer
-from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
-from verl.utils.config import omega_conf_to_dataclass
 from verl.utils.debug import marked_timer
 from verl.utils.debug.metrics import calculate_debug_metrics
 from verl.workers.utils.padding import response_from_nested
@@ -77,8 +75,18 @@ from dyjr_verl.losses.replay_loss import (
     make_replay_loss_fn,
     minibatch_normalizer_fields,
 )
+from dyjr_verl.losses.topk_js import (
+    TOPK_IDS_KEY,
+    TOPK_JS_TERM,
+    TOPK_LOG_REST_KEY,
+    TOPK_LOGP_KEY,
+    TOPK_RECORD_PREFIX,
+    make_topk_js_replay_loss_fn,
+    record_from_model_output,
+)
 from dyjr_verl.replay.buffer import TimeSensitiveBuffer, Trajectory
 from dyjr_verl.replay.pools import question_key
+from dyjr_verl.trainer.probe import ProbedSyncTrainer
 from dyjr_verl.trainer.state import buffer_digest
 
 logger = logging.getLogger(__name__)
@@ -134,7 +142,7 @@ def _nested(rows: list[torch.Tensor]) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
-class ReplayTrainerBase(PPOTrainerSync):
+class ReplayTrainerBase(ProbedSyncTrainer):
     """Sync PPO trainer with a method config node, a replay store and the replay-aware loss.
 
     Subclasses pick where replayed rows enter the step (:class:`ReplayTrainer`: at the actor
@@ -145,15 +153,6 @@ class ReplayTrainerBase(PPOTrainerSync):
     config_node: str = "dyjr"
     #: metric prefix for the method's trainer-side metrics
     metric_prefix: str = "dyjr/"
-
-    # -- verl's literal "sync" checks --------------------------------------------------------------
-    @property
-    def trainer_mode(self) -> str:
-        return "sync"
-
-    @trainer_mode.setter
-    def trainer_mode(self, value: str) -> None:
-        self.registered_mode = value
 
     def __init__(self, config: DictConfig):
         self.method_config = self.parse_method_config(config)
@@ -197,13 +196,17 @@ class ReplayTrainerBase(PPOTrainerSync):
     def replay_loss_installed(self) -> bool:
         return self.replay_enabled() and self.loss_spec() is not None
 
-    # -- verl hooks ----------------------------------------------------------------------------------
-    def on_init_end(self):
-        super().on_init_end()
-        if self.replay_loss_installed:
-            actor_cfg = omega_conf_to_dataclass(self.config.actor_rollout_ref.actor)
-            self.actor_rollout_wg.set_loss_fn(make_replay_loss_fn(actor_cfg, self.loss_spec()))
-            logger.info(f"{self.registered_mode}: replay-aware loss installed ({self.loss_spec()})")
+    def method_loss_fn(self, actor_cfg: Any):
+        if not self.replay_loss_installed:
+            return None
+        spec = self.loss_spec()
+        logger.info(f"{self.registered_mode}: replay-aware loss ({spec})")
+        if spec.kind == TOPK_JS_TERM:
+            return make_topk_js_replay_loss_fn(actor_cfg, spec)
+        return make_replay_loss_fn(actor_cfg, spec)
+
+    def uses_topk_record(self) -> bool:
+        return self.topk_record_k() > 0
 
     # -- helpers -------------------------------------------------------------------------------------
     def _replay_row_multiple(self, dp: int) -> int:
@@ -241,6 +244,8 @@ class ReplayTrainerBase(PPOTrainerSync):
         def update_actor(batch: KVBatchMeta, *args, **kwargs):
             batch.extra_info["mini_batch_size"] = rows
             batch.extra_info["global_batch_size"] = rows
+            if self.uses_topk_record():  # the engine calls the loss as logits processor (exact top-k JS)
+                batch.extra_info["distillation_use_topk"] = True
             return original(batch, *args, **kwargs)
 
         wg.update_actor = update_actor
@@ -337,7 +342,11 @@ class ReplayTrainer(ReplayTrainerBase):
             self.store.advance(step)
 
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id)
+        topk_fields = self._take_topk_record(data) if self.uses_topk_record() else {}
+        data = data.exclude(*[k for k in data.keys() if k.startswith(TOPK_RECORD_PREFIX)])
         fresh_rows = td_to_rows(data)
+        for i, row in enumerate(fresh_rows):  # the record travels with the trajectory into the buffer
+            row.update({key: value[i] for key, value in topk_fields.items()})
         real = [not tag.get("is_padding", False) for tag in batch.tags]
 
         n = int(self.config.actor_rollout_ref.rollout.n)
@@ -375,6 +384,7 @@ class ReplayTrainer(ReplayTrainerBase):
         fresh_fields = {
             REPLAY_MASK_KEY: torch.zeros(fresh_total, dtype=torch.float32),
             STORED_LOG_PROBS_KEY: stored_fresh,
+            **topk_fields,
         }
         for key, values in norm.items():
             fresh_fields[key] = torch.stack([values[position[("f", i)]] for i in range(fresh_total)])
@@ -402,9 +412,10 @@ class ReplayTrainer(ReplayTrainerBase):
 
         all_keys = [batch.keys[i] if kind == "f" else replay_keys[i] for kind, i in order]
         all_tags = [batch.tags[i] if kind == "f" else replay_tags[i] for kind, i in order]
+        fields = [f for f in meta.fields if not f.startswith(TOPK_RECORD_PREFIX)] if meta.fields else None
         enlarged = KVBatchMeta(
             partition_id=batch.partition_id, keys=all_keys, tags=all_tags,
-            fields=list(meta.fields) if meta.fields else None, extra_info=dict(batch.extra_info or {}),
+            fields=fields, extra_info=dict(batch.extra_info or {}),
         )
         try:
             with self._mini_batch_rows(mini + per_mb):
@@ -432,7 +443,25 @@ class ReplayTrainer(ReplayTrainerBase):
         return batch
 
     # -- helpers -------------------------------------------------------------------------------------
-    # -- helpers -------------------------------------------------------------------------------------
+    def topk_record_k(self) -> int:
+        js = self.method_config.js
+        return int(js.topk_k) if self.replay_enabled() and js.estimator == "topk" else 0
+
+    def _take_topk_record(self, data: TensorDict) -> dict[str, torch.Tensor]:
+        """The step's top-k record (written by the old-log-prob probe) as the response-aligned
+        fields the top-k loss reads, padded to ``data.max_response_length`` so that rows of any
+        step stack: ids int32 (B, L, k), log-probs and rest mass bf16 (``6k + 2`` bytes/token)."""
+        k = self.topk_record_k()
+        rec = record_from_model_output(data, data, k, dtype=torch.bfloat16)
+        width = max(int(self.config.data.max_response_length), rec.ids.shape[1])
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros((t.shape[0], width, *t.shape[2:]))
+            out[:, : t.shape[1]] = t
+            return out
+
+        return {TOPK_IDS_KEY: pad(rec.ids), TOPK_LOGP_KEY: pad(rec.logp), TOPK_LOG_REST_KEY: pad(rec.log_rest)}
+
     def _replay_rows_per_minibatch(self, fresh_real_rows: int, num_mb: int, multiple: int) -> int:
         if num_mb == 0:
             return 0
