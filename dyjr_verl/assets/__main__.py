@@ -1,4 +1,6 @@
-"""``python -m dyjr_verl.assets build [--root DIR] [--seed N] [--force]``."""
+"""``python -m dyjr_verl.assets build [--root DIR] [--seed N] [--force]``: the embedded default assets.
+``python -m dyjr_verl.assets warmstart [--root DIR] [--seed N] [--force]``: the miniature
+reproduction's warm start (dyjr_verl/assets/warmstart.py), printed as one JSON line at the end."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from dyjr_verl.assets.build import AssetSpec, build, default_assets_dir
+from dyjr_verl.assets.warmstart import WarmStartSpec, default_warmstart_root, warm_start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,11 +23,18 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--force", action="store_true", help="rebuild even if an identical build exists")
     for f in fields(AssetSpec):
         b.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    w = sub.add_parser("warmstart", help="supervised warm start of the tiny model for the mini experiment (minutes, cached)")
+    w.add_argument("--root", type=Path, default=None, help="output dir (default: keyed by the settings, beside the assets)")
+    w.add_argument("--force", action="store_true", help="rebuild even if a build with these settings exists")
+    for f in fields(WarmStartSpec):
+        w.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     sub.add_parser("path", help="print the default assets directory")
     args = parser.parse_args(argv)
     if args.cmd == "path":
         print(default_assets_dir())
         return 0
+    if args.cmd == "warmstart":
+        return _warmstart(args)
     spec = AssetSpec(**{f.name: getattr(args, f.name) for f in fields(AssetSpec)})
     t0 = time.perf_counter()
     root = build(args.root, spec, force=args.force)
@@ -32,6 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"assets ready in {root} ({time.perf_counter() - t0:.1f}s): "
           f"{manifest['num_parameters']} params, vocab {manifest['vocab_size']}, rows {manifest['rows']}, "
           f"warm-start loss {manifest['warm_start_loss_first_last']}")
+    return 0
+
+
+def _warmstart(args: argparse.Namespace) -> int:
+    ws = WarmStartSpec(**{f.name: getattr(args, f.name) for f in fields(WarmStartSpec)})
+    root = args.root or default_warmstart_root(ws)
+    try:
+        result = warm_start(ws, root, force=args.force)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(("cached " if result.cached else "") + f"warm start in {result.root} ({result.steps} SFT steps, {result.seconds}s to build)")
+    print("warmstart: " + json.dumps({"root": str(result.root), "steps": result.steps, "val": result.val, "test": result.test}))
     return 0
 
 

@@ -64,14 +64,41 @@ def _one_step(rng: random.Random, name: str, item: str) -> ArithmeticProblem:
     return ArithmeticProblem(q, sol, ans)
 
 
-def arithmetic_problems(n: int, seed: int, two_step_share: float = 0.5) -> list[ArithmeticProblem]:
-    """``n`` distinct word problems; ``two_step_share`` of them need two operations."""
+_VERBS = {"+": "buys {x} more", "-": "gives away {x}"}
+
+
+def _three_step(rng: random.Random, name: str, item: str) -> ArithmeticProblem:
+    """Three operations (buy/give away), every intermediate count >= 0; three-line chain of thought."""
+    a = rng.randint(2, 9)
+    ops = [rng.choice("+-") for _ in range(3)]
+    count, steps, clauses = a, [], []
+    for op in ops:
+        x = rng.randint(1, 9) if op == "+" else rng.randint(1, max(1, min(count, 9)))
+        if op == "-" and x > count:  # count is 0: nothing to give away, buy instead
+            op = "+"
+        new = count + x if op == "+" else count - x
+        steps.append(f"{count} {op} {x} = {new}.")
+        clauses.append(_VERBS[op].format(x=x))
+        count = new
+    q = (f"{name} has {a} {item}, {clauses[0]}, {clauses[1]} and then {clauses[2]}. "
+         f"How many {item} does {name} have?")
+    return ArithmeticProblem(q, " ".join(steps) + f" \\boxed{{{count}}}", count)
+
+
+def arithmetic_problems(n: int, seed: int, two_step_share: float = 0.5,
+                        three_step_share: float = 0.0) -> list[ArithmeticProblem]:
+    """``n`` distinct word problems: ``three_step_share`` need three operations, ``two_step_share``
+    two, the rest one. With ``three_step_share=0`` the random stream (hence every existing build)
+    is exactly what it was before three-step problems existed."""
     rng = random.Random(seed)
     seen: set[str] = set()
     out: list[ArithmeticProblem] = []
     while len(out) < n:
         name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-        p = _two_step(rng, name, item) if rng.random() < two_step_share else _one_step(rng, name, item)
+        if three_step_share > 0 and rng.random() < three_step_share:
+            p = _three_step(rng, name, item)
+        else:
+            p = _two_step(rng, name, item) if rng.random() < two_step_share else _one_step(rng, name, item)
         if p.question not in seen:
             seen.add(p.question)
             out.append(p)

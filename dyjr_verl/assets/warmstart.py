@@ -1,0 +1,279 @@
+"""Warm start for the miniature reproduction (issue 7): the tiny model, supervised on the embedded
+arithmetic task until RL has room, as a self-contained assets directory.
+
+    python -m dyjr_verl.assets warmstart [--seed 0] [--root DIR] [--force]
+
+The task mixes one-, two- and three-operation word problems whose worked solution is a short chain
+of thought (``4 + 9 = 13. 13 - 2 = 11. \\boxed{11}``). The training questions are split into a
+*validation slice* (``arith/val.parquet``) and the rest (``arith/train.parquet``: supervised warm
+start, then RL); ``arith/test.parquet`` is the held-out split. Supervised training runs in chunks of
+``eval_every`` steps and stops at the first chunk whose **validation** greedy accuracy reaches
+``target_greedy`` (or at ``max_steps``): every decision is made on the validation slice. The held-out
+greedy accuracy and pass@k are measured once, at the end, only to be reported (``WARMSTART.json``).
+
+The output directory is usable as ``DYJR_ASSETS_DIR`` for the ``*_tiny_cpu`` recipes (they read
+``tokenizer-model/`` and ``arith/{train,test}.parquet``). It is keyed by a hash of the settings, so a
+second call with the same settings returns at once; the build is deterministic given the seed
+(one or two intra-op threads, seeded data order and sampling).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dyjr_verl.assets import tasks
+from dyjr_verl.assets.build import (
+    AssetSpec,
+    _build_model,
+    _train_tokenizer,
+    default_assets_dir,
+    sft_examples,
+)
+
+WARMSTART_FILE = "WARMSTART.json"
+_VERSION = 1  # bump when the procedure changes, so old caches are not taken for new ones
+
+
+@dataclass(frozen=True)
+class WarmStartSpec:
+    seed: int = 0
+    train: int = 512  # questions before the validation slice is cut off
+    val: int = 64  # validation slice of train: stopping rule, ablation metric
+    test: int = 128  # held-out: measured once at the end, never used for a decision
+    two_step_share: float = 0.45
+    three_step_share: float = 0.30
+    lr: float = 3e-3
+    batch: int = 32
+    eval_every: int = 50
+    min_steps: int = 100
+    max_steps: int = 1500
+    target_greedy: float = 0.35  # stop once validation greedy accuracy reaches this
+    eval_samples: int = 8  # samples per question for pass@k at the end (and avg@k on validation)
+    temperature: float = 1.0  # the rollout temperature of the tiny recipes
+    max_new_tokens: int = 48  # the mini experiment's data.max_response_length
+
+    def key(self) -> str:
+        blob = json.dumps({"v": _VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def model_spec(self) -> AssetSpec:
+        # same architecture as the embedded default (361.6k parameters, head_dim 64)
+        return AssetSpec(seed=self.seed, arith_train=self.train, arith_test=self.test)
+
+
+@dataclass
+class Accuracy:
+    greedy: float
+    avg_at_k: float
+    pass_at_k: float
+    k: int
+    questions: int
+
+    def brief(self) -> str:
+        return (f"greedy {100 * self.greedy:.1f}%, avg@{self.k} {100 * self.avg_at_k:.1f}%, "
+                f"pass@{self.k} {100 * self.pass_at_k:.1f}% ({self.questions} questions)")
+
+
+@dataclass
+class WarmStartResult:
+    root: Path
+    spec: dict[str, Any]
+    steps: int
+    val: dict[str, Any]
+    test: dict[str, Any]
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    cached: bool = False
+
+
+def default_warmstart_root(spec: WarmStartSpec) -> Path:
+    return default_assets_dir().parent / "warmstart" / spec.key()
+
+
+def _is_correct(text: str, answer: str) -> bool:
+    from dyjr_verl.rewards.math import compute_score
+
+    return compute_score(tasks.ARITH_DATA_SOURCE, text, answer)["score"] >= 1.0
+
+
+def measure(model, tokenizer, rows: list[dict], *, samples: int, temperature: float, max_new_tokens: int,
+            seed: int, batch: int = 64) -> Accuracy:
+    """Greedy accuracy and ``samples`` samples per question (avg@k, pass@k = any correct) with HF
+    generate, prompts formatted by the chat template exactly as verl's agent loop does."""
+    import torch
+
+    from dyjr_verl.eval.metrics import pass_at_k
+
+    tokenizer.padding_side = "left"
+    greedy_ok: list[bool] = []
+    counts: list[int] = []
+    torch.manual_seed(seed)
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch]
+        texts = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in chunk]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        common = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
+                      "eos_token_id": tokenizer.eos_token_id}
+        with torch.no_grad():
+            g = model.generate(**enc, do_sample=False, **common)
+            s = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                               num_return_sequences=samples, **common) if samples else None
+        width = enc["input_ids"].shape[1]
+        for i, r in enumerate(chunk):
+            gt = r["reward_model"]["ground_truth"]
+            greedy_ok.append(_is_correct(tokenizer.decode(g[i, width:], skip_special_tokens=True), gt))
+            if s is not None:
+                outs = s[i * samples:(i + 1) * samples, width:]
+                counts.append(sum(_is_correct(tokenizer.decode(o, skip_special_tokens=True), gt) for o in outs))
+    n = len(rows)
+    return Accuracy(
+        greedy=sum(greedy_ok) / n,
+        avg_at_k=sum(counts) / (n * samples) if samples else 0.0,
+        pass_at_k=sum(pass_at_k(samples, c, samples) for c in counts) / n if samples else 0.0,
+        k=samples,
+        questions=n,
+    )
+
+
+def _sft_batches(examples, *, batch: int, pad: int, seed: int):
+    """Endless seeded stream of padded (ids, attention, labels) batches, loss on responses only."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        idx = torch.randint(len(examples), (batch,), generator=g).tolist()
+        seqs = [examples[i] for i in idx]
+        width = max(len(s) for s, _ in seqs)
+        ids = torch.full((batch, width), pad, dtype=torch.long)
+        labels = torch.full((batch, width), -100, dtype=torch.long)
+        attn = torch.zeros((batch, width), dtype=torch.long)
+        for r, (s, plen) in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s)
+            labels[r, plen: len(s)] = torch.tensor(s[plen:])
+            attn[r, : len(s)] = 1
+        yield ids, attn, labels
+
+
+def _write_parquet(rows: list[dict], path: Path) -> None:
+    import pandas as pd
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(path, index=False)
+
+
+def load(root: Path) -> WarmStartResult | None:
+    meta = root / WARMSTART_FILE
+    if not meta.is_file():
+        return None
+    d = json.loads(meta.read_text())
+    return WarmStartResult(root=root, spec=d["spec"], steps=d["steps"], val=d["val"], test=d["test"],
+                           curve=d.get("curve", []), seconds=d.get("seconds", 0.0), cached=True)
+
+
+def warm_start(spec: WarmStartSpec | None = None, root: Path | None = None, *, force: bool = False,
+               progress: Callable[[str], None] = print) -> WarmStartResult:
+    """Build (or return the cached) warm-start assets directory for ``spec``."""
+    spec = spec or WarmStartSpec()
+    root = (root or default_warmstart_root(spec)).resolve()
+    cached = load(root)
+    if cached is not None and not force and cached.spec == asdict(spec):
+        return cached
+    if spec.val < 1 or spec.train <= spec.val or spec.test < 1 or spec.eval_every < 1 or spec.max_steps < spec.min_steps:
+        raise ValueError(f"inconsistent warm-start settings: {spec}")
+
+    import torch
+
+    t0 = time.perf_counter()
+    # one intra-op thread: the same bits on any machine, and no thread-barrier stalls when the cores
+    # are shared with a running trainer (two threads ran 30x slower then)
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _build(spec, root, t0, progress)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _build(spec: WarmStartSpec, root: Path, t0: float, progress: Callable[[str], None]) -> WarmStartResult:
+    import torch
+    from tqdm import tqdm
+
+    problems = tasks.arithmetic_problems(spec.train + spec.test, seed=spec.seed, two_step_share=spec.two_step_share,
+                                         three_step_share=spec.three_step_share)
+    train_p, test_p = problems[: spec.train], problems[spec.train:]
+    # the validation slice is cut from the training questions: neither SFT nor RL sees it
+    val_p, fit_p = train_p[: spec.val], train_p[spec.val:]
+    splits = {"train": tasks.arithmetic_rows(fit_p, "train"), "val": tasks.arithmetic_rows(val_p, "val"),
+              "test": tasks.arithmetic_rows(test_p, "test")}
+
+    model_spec = spec.model_spec()
+    corpus = [r["prompt"][0]["content"] for r in splits["train"]] + [p.solution for p in fit_p] + [tasks.ARITH_INSTRUCTION]
+    tokenizer = _train_tokenizer(corpus, model_spec)
+    model = _build_model(tokenizer, model_spec)
+    examples = sft_examples(tokenizer, [r["prompt"] for r in splits["train"]], [p.solution for p in fit_p])
+
+    torch.manual_seed(spec.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
+    batches = _sft_batches(examples, batch=spec.batch, pad=tokenizer.pad_token_id, seed=spec.seed)
+    curve: list[dict[str, Any]] = []
+    step, losses = 0, []
+    bar = tqdm(total=spec.max_steps, desc="warm start (SFT)", unit="step", leave=False, mininterval=5)
+    while step < spec.max_steps:
+        model.train()
+        for _ in range(spec.eval_every):
+            ids, attn, labels = next(batches)
+            loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            bar.update(1)
+        model.eval()
+        if step < spec.min_steps:
+            continue
+        # greedy only during the search (cheap); the stopping rule reads the validation slice only
+        acc = measure(model, tokenizer, splits["val"], samples=0, temperature=spec.temperature,
+                      max_new_tokens=spec.max_new_tokens, seed=spec.seed)
+        curve.append({"step": step, "loss": sum(losses[-spec.eval_every:]) / spec.eval_every, "val_greedy": acc.greedy})
+        bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}", val_greedy=f"{acc.greedy:.2f}")
+        if acc.greedy >= spec.target_greedy:
+            break
+    bar.close()
+
+    common = {"samples": spec.eval_samples, "temperature": spec.temperature, "max_new_tokens": spec.max_new_tokens,
+                  "seed": spec.seed}
+    val_acc = measure(model, tokenizer, splits["val"], **common)
+    test_acc = measure(model, tokenizer, splits["test"], **common)  # reported, never used to decide
+
+    tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model_dir = tmp / "tokenizer-model"
+    model_dir.mkdir(parents=True)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.padding_side = "right"  # what verl's agent loop expects from a saved tokenizer
+    tokenizer.save_pretrained(model_dir)
+    for name, rows in splits.items():
+        _write_parquet(rows, tmp / "arith" / f"{name}.parquet")
+    result = WarmStartResult(root=root, spec=asdict(spec), steps=step, val=asdict(val_acc), test=asdict(test_acc),
+                             curve=curve, seconds=round(time.perf_counter() - t0, 1))
+    meta = {"spec": result.spec, "key": spec.key(), "steps": step, "val": result.val, "test": result.test,
+            "curve": curve, "seconds": result.seconds, "rows": {k: len(v) for k, v in splits.items()},
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "measured_with": "HF generate (greedy + sampled at the given temperature), dyjr_verl.rewards.math"}
+    (tmp / WARMSTART_FILE).write_text(json.dumps(meta, indent=2))
+    if root.exists():
+        shutil.rmtree(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, root)  # atomic: a killed build never leaves a directory that looks finished
+    progress(f"warm start: {step} SFT steps; validation {val_acc.brief()}; held-out test {test_acc.brief()}")
+    return result
