@@ -73,8 +73,9 @@ def load_questions(specs: list[str], limit: int | None) -> list[dict[str, Any]]:
 
 
 def generate(questions: list[dict], model_dir: Path, samples: int, temperature: float, top_p: float,
-             max_tokens: int, seed: int) -> None:
-    """Fill ``greedy`` and ``samples`` of every question in place with vLLM."""
+             max_tokens: int, seed: int, keep_ids: bool = False) -> None:
+    """Fill ``greedy`` and ``samples`` of every question in place with vLLM (with ``keep_ids`` also
+    ``prompt_ids`` and ``sample_ids``: the exact token ids, for the Rank-k forward)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: no spawn re-import
     import verl  # noqa: F401  loads the dyjr_verl plugin: the CPU runtime when there is no accelerator
     from transformers import AutoTokenizer
@@ -94,9 +95,12 @@ def generate(questions: list[dict], model_dir: Path, samples: int, temperature: 
         prompts, SamplingParams(n=samples, temperature=temperature, top_p=top_p, max_tokens=max_tokens),
         use_tqdm=True,
     ) if samples else [None] * len(prompts)
-    for q, g, s in zip(questions, greedy, sampled):
+    for q, p, g, s in zip(questions, prompts, greedy, sampled):
         q["greedy"] = g.outputs[0].text
         q["samples"] = [o.text for o in s.outputs] if s is not None else []
+        if keep_ids:
+            q["prompt_ids"] = p["prompt_token_ids"]
+            q["sample_ids"] = [list(o.token_ids) for o in s.outputs] if s is not None else []
 
 
 def score(questions: list[dict], reward: str | None) -> list[QuestionResult]:
@@ -140,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="first N questions of each dataset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reward", default=None, help="module with compute_score (default: by the row's ability)")
+    parser.add_argument("--rank-k", type=int, default=0, metavar="K",
+                        help="also write rank_k.json: mean Rank-1..K probability and entropy of the model on its "
+                             "sampled responses (one HF forward; --model only)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
@@ -152,18 +159,35 @@ def main(argv: list[str] | None = None) -> int:
                 raise EvalError("--model needs at least one --data NAME=PATH.parquet")
             if args.samples < 0 or args.max_tokens < 1:
                 raise EvalError("--samples must be >= 0 and --max-tokens >= 1")
+            if args.rank_k < 0 or (args.rank_k and not args.samples):
+                raise EvalError("--rank-k needs K >= 1 and --samples >= 1 (it is measured on the sampled responses)")
             questions = load_questions(args.data, args.limit)
-            generate(questions, _resolve_model(args.model), args.samples, args.temperature, args.top_p,
-                     args.max_tokens, args.seed)
+            model_dir = _resolve_model(args.model)
+            generate(questions, model_dir, args.samples, args.temperature, args.top_p,
+                     args.max_tokens, args.seed, keep_ids=bool(args.rank_k))
     except EvalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.rank_k and not args.generations:
+        from dyjr_verl.eval.rank_k import rank_k_of_generations
+
+        rank_k = rank_k_of_generations(model_dir, [q.pop("prompt_ids") for q in questions],
+                                       [q.pop("sample_ids") for q in questions], k=args.rank_k,
+                                       temperature=args.temperature)
+        (args.out / "rank_k.json").write_text(json.dumps(rank_k, indent=2))
+        print("rank-k on the sampled responses: " + ", ".join(f"{k}={v:.4g}" for k, v in rank_k.items()))
     if not args.generations:
         with (args.out / "generations.jsonl").open("w") as f:
             for q in questions:
                 f.write(json.dumps(q) + "\n")
-    table = summarise(score(questions, args.reward), args.ks)
+    results = score(questions, args.reward)
+    # per-question flags: lets a caller compute any avg@k / pass@k / spread later without re-scoring
+    with (args.out / "scores.jsonl").open("w") as f:
+        for r in results:
+            f.write(json.dumps({"benchmark": r.benchmark, "index": r.index, "greedy": r.greedy_correct,
+                                "samples": [int(x) for x in r.sample_correct], "distinct_correct": r.distinct_correct}) + "\n")
+    table = summarise(results, args.ks)
     (args.out / "results.md").write_text(to_markdown(table))
     columns = sorted({c for row in table.values() for c in row})
     with (args.out / "results.csv").open("w", newline="") as f:
