@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: install demo test test-unit test-e2e doctor assets bench clean
+.PHONY: install demo test test-unit test-e2e doctor assets bench clean mini mini-ablation mini-report
 
 # The CPU build of torch must be installed before anything that depends on torch, or pip pulls the
 # CUDA build; PyPI's torchvision/torchaudio/torchcodec are CUDA-linked and break text-only imports.
@@ -43,6 +43,22 @@ test-unit: install
 
 test-e2e: install
 	$(PY) -m pytest -q tests -m e2e
+
+# Miniature reproduction (issue 7, docs/mini.md): 4 methods x 3 seeds, ~90 min on 2 cores, resumable.
+MINI_STEPS ?= 48
+MINI_SEEDS ?= 0 1 2
+MINI_METHODS ?= grpo dyjr rlep exgrpo
+mini: install
+	$(PY) -m dyjr_verl.experiments.mini run --steps $(MINI_STEPS) --seeds $(MINI_SEEDS) --methods $(MINI_METHODS) \
+	    --out results/mini/runs
+	$(PY) -m dyjr_verl.analysis.report --runs results/mini/runs --out results/mini
+
+mini-ablation: install
+	$(PY) -m dyjr_verl.experiments.mini ablation --steps $(MINI_STEPS) --out results/mini/ablation
+	$(PY) -m dyjr_verl.analysis.report --runs results/mini/runs --ablation results/mini/ablation --out results/mini
+
+mini-report: install
+	$(PY) -m dyjr_verl.analysis.report --runs results/mini/runs --out results/mini
 
 bench: install
 	$(PY) benchmarks/bench_tiny_step.py
