@@ -375,3 +375,34 @@ def test_report_ablation_section_and_errors(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: --runs")
     (tmp_path / "empty").mkdir()
     assert report.main(["--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "o3")]) == 2
+
+
+def test_every_override_exists_in_the_composed_recipes(tmp_path, monkeypatch):
+    """A typo in a seed key or a shared setting would only show at run time: compose every method's
+    recipe (and every ablation variant) with the launcher's exact overrides."""
+    from hydra import compose, initialize_config_dir
+
+    from dyjr_verl.config import DyJRConfig
+
+    monkeypatch.setenv("DYJR_ASSETS_DIR", str(tmp_path))
+    recipes = mini.recipes_dir()
+    comp = comparison(tmp_path / "runs", list(METHODS), [3], SharedSettings(steps=7))
+    abl = ablation(tmp_path / "abl", list(ABLATION_VARIANTS), 5, SharedSettings(steps=7))
+    with initialize_config_dir(config_dir=str(recipes), version_base=None):
+        for exp in (comp, abl):
+            for run in exp.runs:
+                cmd = commands.trainer_command(exp, run, run.dir(exp.out), recipes)
+                ov = [o for o in _overrides(cmd) if not o.startswith("hydra.")]
+                cfg = compose(config_name=run.recipe, overrides=ov)
+                assert cfg.data.seed == cfg.actor_rollout_ref.rollout.seed == run.seed
+                assert cfg.actor_rollout_ref.actor.data_loader_seed == run.seed
+                assert cfg.trainer.total_training_steps == cfg.trainer.save_freq == 7
+                assert cfg.data.max_response_length == 48
+                assert "hf_model" in cfg.actor_rollout_ref.actor.checkpoint.save_contents
+                if run.method == "dyjr":
+                    d = DyJRConfig.from_omegaconf(cfg.dyjr, path="dyjr").validate("dyjr")
+                    assert d.replay.seed == run.seed
+                    if run.label == "dyjr_age1":
+                        assert d.buffer.max_age == 1
+                    if run.label == "dyjr_admit_all":
+                        assert d.buffer.admit == "all"
