@@ -45,7 +45,7 @@ test-e2e: install
 	$(PY) -m pytest -q tests -m e2e
 
 # Miniature reproduction (issue 7, docs/mini.md): 4 methods x 3 seeds, ~90 min on 2 cores, resumable.
-MINI_STEPS ?= 64
+MINI_STEPS ?= 48
 MINI_SEEDS ?= 0 1 2
 MINI_METHODS ?= grpo dyjr rlep exgrpo
 mini: install

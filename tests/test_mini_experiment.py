@@ -67,7 +67,7 @@ def test_warm_start_is_deterministic_cached_and_splits_validation_from_train(tmp
     def boom(*args, **kwargs):
         raise AssertionError("a cache hit must not train")
 
-    monkeypatch.setattr(ws, "_sft_batches", boom)
+    monkeypatch.setattr(ws, "sft_batches", boom)
     monkeypatch.setattr(ws, "measure", boom)
     again = ws.warm_start(TINY_WS, tmp_path / "a", progress=lambda s: None)
     assert again.cached and again.test == a.test and again.steps == a.steps

@@ -117,19 +117,12 @@ def sft_examples(tokenizer, prompts: list[list[dict]], responses: list[str]) -> 
     return out
 
 
-def supervised_warm_start(model, tokenizer, examples, *, steps: int, lr: float, batch: int, seed: int) -> list[float]:
-    """Plain next-token SFT on responses only; returns the loss curve (for the manifest)."""
+def sft_batches(examples, *, batch: int, pad: int, seed: int):
+    """Endless seeded stream of padded (ids, attention, labels) batches, loss on responses only."""
     import torch
 
-    if steps <= 0:
-        return []
-    torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    pad = tokenizer.pad_token_id
-    losses = []
-    model.train()
-    for step in range(steps):
+    while True:
         idx = torch.randint(len(examples), (batch,), generator=g).tolist()
         seqs = [examples[i] for i in idx]
         width = max(len(s) for s, _ in seqs)
@@ -140,6 +133,22 @@ def supervised_warm_start(model, tokenizer, examples, *, steps: int, lr: float, 
             ids[r, : len(s)] = torch.tensor(s)
             labels[r, plen : len(s)] = torch.tensor(s[plen:])
             attn[r, : len(s)] = 1
+        yield ids, attn, labels
+
+
+def supervised_warm_start(model, tokenizer, examples, *, steps: int, lr: float, batch: int, seed: int) -> list[float]:
+    """Plain next-token SFT on responses only; returns the loss curve (for the manifest)."""
+    import torch
+
+    if steps <= 0:
+        return []
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    batches = sft_batches(examples, batch=batch, pad=tokenizer.pad_token_id, seed=seed)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        ids, attn, labels = next(batches)
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         opt.zero_grad()
         loss.backward()

@@ -35,6 +35,7 @@ from dyjr_verl.assets.build import (
     _build_model,
     _train_tokenizer,
     default_assets_dir,
+    sft_batches,
     sft_examples,
 )
 
@@ -143,25 +144,6 @@ def measure(model, tokenizer, rows: list[dict], *, samples: int, temperature: fl
     )
 
 
-def _sft_batches(examples, *, batch: int, pad: int, seed: int):
-    """Endless seeded stream of padded (ids, attention, labels) batches, loss on responses only."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        idx = torch.randint(len(examples), (batch,), generator=g).tolist()
-        seqs = [examples[i] for i in idx]
-        width = max(len(s) for s, _ in seqs)
-        ids = torch.full((batch, width), pad, dtype=torch.long)
-        labels = torch.full((batch, width), -100, dtype=torch.long)
-        attn = torch.zeros((batch, width), dtype=torch.long)
-        for r, (s, plen) in enumerate(seqs):
-            ids[r, : len(s)] = torch.tensor(s)
-            labels[r, plen: len(s)] = torch.tensor(s[plen:])
-            attn[r, : len(s)] = 1
-        yield ids, attn, labels
-
-
 def _write_parquet(rows: list[dict], path: Path) -> None:
     import pandas as pd
 
@@ -222,7 +204,7 @@ def _build(spec: WarmStartSpec, root: Path, t0: float, progress: Callable[[str],
 
     torch.manual_seed(spec.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
-    batches = _sft_batches(examples, batch=spec.batch, pad=tokenizer.pad_token_id, seed=spec.seed)
+    batches = sft_batches(examples, batch=spec.batch, pad=tokenizer.pad_token_id, seed=spec.seed)
     curve: list[dict[str, Any]] = []
     step, losses = 0, []
     bar = tqdm(total=spec.max_steps, desc="warm start (SFT)", unit="step", leave=False, mininterval=5)

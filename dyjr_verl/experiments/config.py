@@ -19,7 +19,7 @@ METHODS: tuple[str, ...] = ("grpo", "dyjr", "rlep", "exgrpo")
 LABELS = {"grpo": "GRPO", "dyjr": "DyJR", "rlep": "RLEP", "exgrpo": "Ex-GRPO"}
 
 # 4 methods x 3 seeds in ~90 minutes on 2 cores; the arithmetic is in docs/mini.md
-DEFAULT_STEPS = 64
+DEFAULT_STEPS = 48
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2)
 LOCK_PATH = Path("/tmp/dyjr_e2e.lock")  # every trainer / vLLM run on this machine takes it
 
