@@ -406,3 +406,14 @@ def test_every_override_exists_in_the_composed_recipes(tmp_path, monkeypatch):
                         assert d.buffer.max_age == 1
                     if run.label == "dyjr_admit_all":
                         assert d.buffer.admit == "all"
+
+
+def test_regenerating_the_report_keeps_the_hand_written_reading(tmp_path):
+    from dyjr_verl.analysis.report import _kept_reading
+
+    readme = tmp_path / "README.md"
+    assert _kept_reading(readme) == ""
+    readme.write_text("# r\n\n## Reading\n\n_To be written: x_\n")
+    assert _kept_reading(readme) == ""
+    readme.write_text("# r\n\n## Reading\n\nDyJR ties GRPO.\n\nSecond paragraph.\n")
+    assert _kept_reading(readme) == "DyJR ties GRPO.\n\nSecond paragraph."

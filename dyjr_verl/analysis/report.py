@@ -348,11 +348,24 @@ def write_report(runs_dir: Path, out: Path, ablation_dir: Path | None = None, sm
     abl = [r for r in abl if r.get("status") == "done"]
     if abl:
         parts += ["## DyJR ablation (validation slice)", "", _ablation_section(abl), ""]
-    parts += ["## Reading", "", ("_To be written: where DyJR wins, where it does not, by how much compared with the "
-              "seed spread, and which DyJR settings matter._"), ""]
     readme = out / "README.md"
+    parts += ["## Reading", "", _kept_reading(readme) or (
+        "_To be written: where DyJR wins, where it does not, by how much compared with the "
+        "seed spread, and which DyJR settings matter._"), ""]
     readme.write_text("\n".join(parts))
     return readme
+
+
+def _kept_reading(readme: Path) -> str:
+    """The hand-written Reading section of an earlier report (regenerating must not erase it)."""
+    if not readme.is_file():
+        return ""
+    text = readme.read_text()
+    marker = "\n## Reading\n"
+    if marker not in text:
+        return ""
+    kept = text.split(marker, 1)[1].strip()
+    return "" if kept.startswith("_To be written") else kept
 
 
 def main(argv: list[str] | None = None) -> int:
