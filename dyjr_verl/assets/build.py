@@ -136,6 +136,19 @@ def sft_batches(examples, *, batch: int, pad: int, seed: int):
         yield ids, attn, labels
 
 
+def sft_step(model, opt, batch) -> float:
+    """One optimizer step of next-token SFT on an ``(ids, attention, labels)`` batch; returns the loss."""
+    import torch
+
+    ids, attn, labels = batch
+    loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
 def supervised_warm_start(model, tokenizer, examples, *, steps: int, lr: float, batch: int, seed: int) -> list[float]:
     """Plain next-token SFT on responses only; returns the loss curve (for the manifest)."""
     import torch
@@ -148,13 +161,7 @@ def supervised_warm_start(model, tokenizer, examples, *, steps: int, lr: float, 
     losses = []
     model.train()
     for _ in range(steps):
-        ids, attn, labels = next(batches)
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(sft_step(model, opt, next(batches)))
     model.eval()
     return losses
 

@@ -36,6 +36,7 @@ from dyjr_verl.assets.build import (
     _train_tokenizer,
     default_assets_dir,
     sft_batches,
+    sft_step,
     sft_examples,
 )
 
@@ -211,13 +212,7 @@ def _build(spec: WarmStartSpec, root: Path, t0: float, progress: Callable[[str],
     while step < spec.max_steps:
         model.train()
         for _ in range(spec.eval_every):
-            ids, attn, labels = next(batches)
-            loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(sft_step(model, opt, next(batches)))
             step += 1
             bar.update(1)
         model.eval()
