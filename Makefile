@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: install demo test test-unit test-e2e doctor assets bench clean mini mini-ablation mini-report
+.PHONY: install demo test test-unit test-e2e doctor assets bench clean mini mini-ablation mini-report mini-sql
 
 # The CPU build of torch must be installed before anything that depends on torch, or pip pulls the
 # CUDA build; PyPI's torchvision/torchaudio/torchcodec are CUDA-linked and break text-only imports.
@@ -59,6 +59,12 @@ mini-ablation: install
 
 mini-report: install
 	$(PY) -m dyjr_verl.analysis.report --runs results/mini/runs --out results/mini
+
+# The same four methods on the embedded Text-to-SQL task, from its own warm start (docs/mini.md section 5).
+mini-sql: install
+	$(PY) -m dyjr_verl.experiments.mini run --task sql --steps $(MINI_STEPS) --seeds $(MINI_SEEDS) \
+	    --methods $(MINI_METHODS) --out results/mini_sql/runs
+	$(PY) -m dyjr_verl.analysis.report --runs results/mini_sql/runs --out results/mini_sql
 
 bench: install
 	$(PY) benchmarks/bench_tiny_step.py

@@ -77,8 +77,54 @@ def test_warm_start_is_deterministic_cached_and_splits_validation_from_train(tmp
 
 
 def test_warm_start_key_depends_on_every_setting():
-    keys = {ws.WarmStartSpec().key(), ws.WarmStartSpec(seed=1).key(), ws.WarmStartSpec(target_greedy=0.3).key()}
-    assert len(keys) == 3 and ws.WarmStartSpec().key() == ws.WarmStartSpec().key()
+    keys = {ws.WarmStartSpec().key(), ws.WarmStartSpec(seed=1).key(), ws.WarmStartSpec(target_greedy=0.3).key(),
+            ws.WarmStartSpec(task="sql").key()}
+    assert len(keys) == 4 and ws.WarmStartSpec().key() == ws.WarmStartSpec().key()
+    # adding the task setting kept the arithmetic key: the cache and the committed run records
+    # (results/mini, fingerprinted by this key) stay valid
+    assert ws.WarmStartSpec().key() == "3da7d86b3258"
+
+
+def test_sql_pool_golds_run_on_the_company_db_and_the_default_questions_are_unchanged(tmp_path):
+    import sqlite3
+
+    pool = tasks.sql_question_pool(0)
+    questions = [q for q, _ in pool]
+    assert len(pool) >= 300 and len(set(questions)) == len(questions)
+    assert set(tasks.sql_questions(0)) <= set(pool)  # the default set is a subset; its order is untouched
+    assert tasks.sql_questions(0) == tasks.sql_questions(0) and tasks.sql_question_pool(0) == pool
+    db = tmp_path / "company.sqlite"
+    tasks.build_company_db(db, seed=0)
+    con = sqlite3.connect(db)
+    try:
+        for _, gold in pool:
+            con.execute(gold).fetchall()  # every gold query runs
+    finally:
+        con.close()
+
+
+def test_sql_warm_start_writes_the_sql_layout_with_rows_pointing_at_its_database(tmp_path):
+    import pandas as pd
+
+    spec = ws.WarmStartSpec.for_task("sql", **{k: v for k, v in TINY_WS.__dict__.items() if k != "task"})
+    assert spec.task == "sql" and spec.train == TINY_WS.train
+    res = ws.warm_start(spec, tmp_path / "sql_ws", progress=lambda s: None)
+    meta = json.loads((res.root / ws.WARMSTART_FILE).read_text())
+    assert meta["rows"] == {"train": 16, "val": 8, "test": 8} and meta["spec"]["task"] == "sql"
+    db = res.root / "sql" / "company.sqlite"
+    assert db.is_file() and not list(tmp_path.glob("*.tmp-*"))
+    for split in ("train", "val", "test"):
+        df = pd.read_parquet(res.root / "sql" / f"{split}.parquet")
+        assert set(df.ability) == {"sql"} and {e["db_path"] for e in df.extra_info} == {str(db)}
+    # the supervised target of a question scores 1 with the SQL reward, a wrong query does not
+    row = pd.read_parquet(res.root / "sql" / "train.parquet").iloc[0].to_dict()
+    gold = row["reward_model"]["ground_truth"]
+    assert ws._is_correct(tasks.sql_solution(gold), row)
+    assert not ws._is_correct(tasks.sql_solution("SELECT name FROM department"), row)
+    with pytest.raises(ValueError, match="unknown warm-start task"):
+        ws.WarmStartSpec.for_task("chess")
+    with pytest.raises(ValueError, match="SQL pool has"):
+        ws.warm_start(ws.WarmStartSpec.for_task("sql", train=400), tmp_path / "x", progress=lambda s: None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,6 +193,26 @@ def test_fingerprint_changes_with_the_settings(tmp_path):
     b = comparison(tmp_path, ["grpo"], [0], SharedSettings(steps=5))
     assert a.fingerprint(a.runs[0]) != b.fingerprint(b.runs[0])
     assert a.fingerprint(a.runs[0]) == comparison(tmp_path, ["grpo"], [0], SharedSettings(steps=4)).fingerprint(a.runs[0])
+
+
+def test_sql_task_swaps_data_reward_and_lengths_for_every_method_alike(tmp_path):
+    exp = mini.experiment_from_args(mini.build_parser().parse_args(
+        ["run", "--task", "sql", "--seeds", "1", "--out", str(tmp_path)]))
+    assert exp.task == "sql" and exp.warmstart.task == "sql" and exp.shared.max_response_length == 64
+    assert exp.fingerprint(exp.runs[0]) != comparison(tmp_path, ["grpo"], [1], SharedSettings()).fingerprint(exp.runs[0])
+    assets = tmp_path / "assets"
+    for run in exp.runs:
+        ov = _overrides(commands.trainer_command(exp, run, run.dir(tmp_path), tmp_path))
+        assert "reward.custom_reward_function.path=pkg://dyjr_verl.rewards.sql" in ov
+        assert "data.train_files=${dyjr_assets}/sql/train.parquet" in ov and "data.max_response_length=64" in ov
+    rlep = next(r for r in exp.runs if r.method == "rlep")
+    col = commands.collect_command(exp, rlep, rlep.dir(tmp_path), assets)
+    assert col[col.index("--data") + 1] == str(assets / "sql" / "train.parquet")
+    assert col[col.index("--reward") + 1] == "pkg://dyjr_verl.rewards.sql"
+    ev = commands.eval_command(exp, rlep, rlep.dir(tmp_path), assets)
+    assert ev[ev.index("--data") + 1] == f"sql_test={assets / 'sql' / 'test.parquet'}"
+    default = mini.experiment_from_args(mini.build_parser().parse_args(["ablation"]))
+    assert default.task == "arith" and default.out == Path("results/mini/ablation").resolve()
 
 
 def test_cli_rejects_bad_input_with_one_line(capsys):
@@ -388,8 +454,9 @@ def test_every_override_exists_in_the_composed_recipes(tmp_path, monkeypatch):
     recipes = mini.recipes_dir()
     comp = comparison(tmp_path / "runs", list(METHODS), [3], SharedSettings(steps=7))
     abl = ablation(tmp_path / "abl", list(ABLATION_VARIANTS), 5, SharedSettings(steps=7))
+    sql = comparison(tmp_path / "sql", list(METHODS), [3], SharedSettings(steps=7, max_response_length=64), task="sql")
     with initialize_config_dir(config_dir=str(recipes), version_base=None):
-        for exp in (comp, abl):
+        for exp in (comp, abl, sql):
             for run in exp.runs:
                 cmd = commands.trainer_command(exp, run, run.dir(exp.out), recipes)
                 ov = [o for o in _overrides(cmd) if not o.startswith("hydra.")]
@@ -397,7 +464,9 @@ def test_every_override_exists_in_the_composed_recipes(tmp_path, monkeypatch):
                 assert cfg.data.seed == cfg.actor_rollout_ref.rollout.seed == run.seed
                 assert cfg.actor_rollout_ref.actor.data_loader_seed == run.seed
                 assert cfg.trainer.total_training_steps == cfg.trainer.save_freq == 7
-                assert cfg.data.max_response_length == 48
+                assert cfg.data.max_response_length == exp.shared.max_response_length
+                assert cfg.data.train_files == f"{tmp_path}/{exp.task}/train.parquet"
+                assert cfg.reward.custom_reward_function.path.endswith(exp.task_settings.reward)
                 assert "hf_model" in cfg.actor_rollout_ref.actor.checkpoint.save_contents
                 if run.method == "dyjr":
                     d = DyJRConfig.from_omegaconf(cfg.dyjr, path="dyjr").validate("dyjr")

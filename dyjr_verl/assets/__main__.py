@@ -1,5 +1,5 @@
 """``python -m dyjr_verl.assets build [--root DIR] [--seed N] [--force]``: the embedded default assets.
-``python -m dyjr_verl.assets warmstart [--root DIR] [--seed N] [--force]``: the miniature
+``python -m dyjr_verl.assets warmstart [--task arith|sql] [--root DIR] [--seed N] [--force]``: the miniature
 reproduction's warm start (dyjr_verl/assets/warmstart.py), printed as one JSON line at the end."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from dyjr_verl.assets.build import AssetSpec, build, default_assets_dir
-from dyjr_verl.assets.warmstart import WarmStartSpec, default_warmstart_root, warm_start
+from dyjr_verl.assets.warmstart import TASKS, WarmStartSpec, default_warmstart_root, warm_start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,8 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     w = sub.add_parser("warmstart", help="supervised warm start of the tiny model for the mini experiment (minutes, cached)")
     w.add_argument("--root", type=Path, default=None, help="output dir (default: keyed by the settings, beside the assets)")
     w.add_argument("--force", action="store_true", help="rebuild even if a build with these settings exists")
+    w.add_argument("--task", choices=TASKS, default="arith", help="embedded task (default arith; sql: the Text-to-SQL one)")
     for f in fields(WarmStartSpec):
-        w.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+        if f.name != "task":  # unset flags keep the task's defaults (WarmStartSpec.for_task)
+            w.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
+                           help=f"default {f.default} for arith")
     sub.add_parser("path", help="print the default assets directory")
     args = parser.parse_args(argv)
     if args.cmd == "path":
@@ -46,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _warmstart(args: argparse.Namespace) -> int:
-    ws = WarmStartSpec(**{f.name: getattr(args, f.name) for f in fields(WarmStartSpec)})
-    root = args.root or default_warmstart_root(ws)
     try:
-        result = warm_start(ws, root, force=args.force)
+        ws = WarmStartSpec.for_task(args.task, **{f.name: getattr(args, f.name) for f in fields(WarmStartSpec)
+                                                  if f.name != "task" and getattr(args, f.name) is not None})
+        result = warm_start(ws, args.root or default_warmstart_root(ws), force=args.force)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -178,6 +178,42 @@ def sql_questions(seed: int) -> list[tuple[str, str]]:
     return qs
 
 
+def sql_question_pool(seed: int) -> list[tuple[str, str]]:
+    """The default questions plus parameterised templates (age and salary thresholds, department x
+    threshold): a few hundred distinct (question, gold SQL) pairs in a seeded order, enough for
+    train / validation / held-out splits that share templates but not values (the SQL warm start).
+    The default :func:`sql_questions` (and every existing build) is unchanged."""
+    join = "FROM employee JOIN department ON employee.department_id = department.id"
+    qs = sql_questions(seed)
+    ages, salaries = range(23, 60), range(35000, 90000, 5000)
+    for age in ages:
+        qs.append((f"How many employees are older than {age}?", f"SELECT COUNT(*) FROM employee WHERE age > {age}"))
+        qs.append((f"List the names of employees younger than {age}.", f"SELECT name FROM employee WHERE age < {age}"))
+    for pay in salaries:
+        qs.append((f"How many employees earn more than {pay}?", f"SELECT COUNT(*) FROM employee WHERE salary > {pay}"))
+        qs.append((f"List the names of employees who earn less than {pay}.",
+                   f"SELECT name FROM employee WHERE salary < {pay}"))
+    for dept, _ in _DEPTS:
+        where = f"WHERE department.name = '{dept}'"
+        qs.append((f"What is the average age in the {dept} department?", f"SELECT AVG(age) {join} {where}"))
+        qs.append((f"What is the highest salary in the {dept} department?", f"SELECT MAX(salary) {join} {where}"))
+        for age in ages:
+            qs.append((f"How many employees in the {dept} department are older than {age}?",
+                       f"SELECT COUNT(*) {join} {where} AND employee.age > {age}"))
+        for pay in salaries:
+            qs.append((f"List the names of employees in the {dept} department who earn more than {pay}.",
+                       f"SELECT employee.name {join} {where} AND employee.salary > {pay}"))
+    seen: set[str] = set()
+    pool = [(q, g) for q, g in qs if not (q in seen or seen.add(q))]
+    random.Random(seed + 1).shuffle(pool)
+    return pool
+
+
+def sql_solution(gold: str) -> str:
+    """The supervised target for a question: the gold query in the fence the reward extracts."""
+    return f"```sql\n{gold}\n```"
+
+
 def sql_rows(pairs: list[tuple[str, str]], db_path: Path, split: str) -> list[dict]:
     schema = " ".join(SQL_SCHEMA.split())
     return [

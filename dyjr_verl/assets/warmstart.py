@@ -1,7 +1,7 @@
-"""Warm start for the miniature reproduction (issue 7): the tiny model, supervised on the embedded
-arithmetic task until RL has room, as a self-contained assets directory.
+"""Warm start for the miniature reproduction (issue 7): the tiny model, supervised on an embedded
+task until RL has room, as a self-contained assets directory.
 
-    python -m dyjr_verl.assets warmstart [--seed 0] [--root DIR] [--force]
+    python -m dyjr_verl.assets warmstart [--task arith|sql] [--seed 0] [--root DIR] [--force]
 
 The task mixes one-, two- and three-operation word problems whose worked solution is a short chain
 of thought (``4 + 9 = 13. 13 - 2 = 11. \\boxed{11}``). The training questions are split into a
@@ -11,8 +11,13 @@ start, then RL); ``arith/test.parquet`` is the held-out split. Supervised traini
 ``target_greedy`` (or at ``max_steps``): every decision is made on the validation slice. The held-out
 greedy accuracy and pass@k are measured once, at the end, only to be reported (``WARMSTART.json``).
 
+``--task sql`` does the same on the embedded Text-to-SQL task (:func:`tasks.sql_question_pool`: the
+company database, questions from templates whose held-out instances use values never trained on;
+the target is the gold query in a ```` ```sql ```` fence; correctness is the execution-match reward), with
+``sql/{train,val,test}.parquet`` and ``sql/company.sqlite``.
+
 The output directory is usable as ``DYJR_ASSETS_DIR`` for the ``*_tiny_cpu`` recipes (they read
-``tokenizer-model/`` and ``arith/{train,test}.parquet``). It is keyed by a hash of the settings, so a
+``tokenizer-model/`` and ``arith/{train,test}.parquet``; the ``*_sql_tiny_cpu`` ones ``sql/``). It is keyed by a hash of the settings, so a
 second call with the same settings returns at once; the build is deterministic given the seed
 (one or two intra-op threads, seeded data order and sampling).
 """
@@ -24,8 +29,9 @@ import json
 import os
 import shutil
 import time
+import importlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +50,12 @@ WARMSTART_FILE = "WARMSTART.json"
 _VERSION = 1  # bump when the procedure changes, so old caches are not taken for new ones
 
 
+TASKS = ("arith", "sql")
+
+
 @dataclass(frozen=True)
 class WarmStartSpec:
+    task: str = "arith"  # "arith" (the miniature's task) or "sql"; WarmStartSpec.for_task sets its sizes
     seed: int = 0
     train: int = 512  # questions before the validation slice is cut off
     val: int = 64  # validation slice of train: stopping rule, ablation metric
@@ -62,8 +72,19 @@ class WarmStartSpec:
     temperature: float = 1.0  # the rollout temperature of the tiny recipes
     max_new_tokens: int = 48  # the mini experiment's data.max_response_length
 
+    @classmethod
+    def for_task(cls, task: str, **overrides: Any) -> WarmStartSpec:
+        """The defaults for ``task`` (the SQL pool has 370 questions and longer answers), then ``overrides``."""
+        if task not in TASKS:
+            raise ValueError(f"unknown warm-start task {task!r}; expected one of {', '.join(TASKS)}")
+        base = cls() if task == "arith" else cls(task="sql", train=306, val=48, test=64, max_new_tokens=64)
+        return replace(base, **overrides)
+
     def key(self) -> str:
-        blob = json.dumps({"v": _VERSION, **asdict(self)}, sort_keys=True)
+        d = asdict(self)
+        if d["task"] == "arith":  # the key from before SQL existed: arithmetic caches and run records stay valid
+            del d["task"]
+        blob = json.dumps({"v": _VERSION, **d}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def model_spec(self) -> AssetSpec:
@@ -100,10 +121,54 @@ def default_warmstart_root(spec: WarmStartSpec) -> Path:
     return default_assets_dir().parent / "warmstart" / spec.key()
 
 
-def _is_correct(text: str, answer: str) -> bool:
-    from dyjr_verl.rewards.math import compute_score
+def _is_correct(text: str, row: dict) -> bool:
+    """The task's own reward (by the row's ``ability``, as ``python -m dyjr_verl.eval`` picks it) says 1."""
+    reward = importlib.import_module(f"dyjr_verl.rewards.{row['ability']}")
+    out = reward.compute_score(row["data_source"], text, row["reward_model"]["ground_truth"], row["extra_info"])
+    return out["score"] >= 1.0
 
-    return compute_score(tasks.ARITH_DATA_SOURCE, text, answer)["score"] >= 1.0
+
+@dataclass
+class TaskData:
+    """One embedded task cut into the warm start's splits."""
+
+    subdir: str  # <root>/<subdir>/{train,val,test}.parquet
+    solutions: list[str]  # the supervised targets of the "train" rows, in order
+    corpus: list[str]  # what the tokenizer is trained on
+    rows: Callable[[Path], dict[str, list[dict]]]  # split -> verl rows for task files under this dir
+    write_files: Callable[[Path], None] = lambda data_dir: None  # the files the rows point at (the SQL DB)
+
+
+def task_data(spec: WarmStartSpec) -> TaskData:
+    # the validation slice is cut from the training questions: neither SFT nor RL sees it
+    if spec.task == "arith":
+        problems = tasks.arithmetic_problems(spec.train + spec.test, seed=spec.seed,
+                                             two_step_share=spec.two_step_share,
+                                             three_step_share=spec.three_step_share)
+        val_p, fit_p, test_p = problems[: spec.val], problems[spec.val: spec.train], problems[spec.train:]
+        train_rows = tasks.arithmetic_rows(fit_p, "train")
+        return TaskData(
+            subdir="arith", solutions=[p.solution for p in fit_p],
+            corpus=[r["prompt"][0]["content"] for r in train_rows] + [p.solution for p in fit_p] + [tasks.ARITH_INSTRUCTION],
+            rows=lambda _dir: {"train": train_rows, "val": tasks.arithmetic_rows(val_p, "val"),
+                               "test": tasks.arithmetic_rows(test_p, "test")})
+    if spec.task == "sql":
+        pool = tasks.sql_question_pool(spec.seed)
+        if spec.train + spec.test > len(pool):
+            raise ValueError(f"the SQL pool has {len(pool)} questions; train + test = {spec.train + spec.test}")
+        val_q, fit_q, test_q = pool[: spec.val], pool[spec.val: spec.train], pool[spec.train: spec.train + spec.test]
+        solutions = [tasks.sql_solution(gold) for _, gold in fit_q]
+
+        def rows(data_dir: Path) -> dict[str, list[dict]]:
+            db = data_dir / "company.sqlite"
+            return {"train": tasks.sql_rows(fit_q, db, "train"), "val": tasks.sql_rows(val_q, db, "val"),
+                    "test": tasks.sql_rows(test_q, db, "test")}
+
+        return TaskData(
+            subdir="sql", solutions=solutions,
+            corpus=[r["prompt"][0]["content"] for r in rows(Path("."))["train"]] + solutions + [tasks.SQL_INSTRUCTION],
+            rows=rows, write_files=lambda data_dir: tasks.build_company_db(data_dir / "company.sqlite", seed=spec.seed))
+    raise ValueError(f"unknown warm-start task {spec.task!r}; expected one of {', '.join(TASKS)}")
 
 
 def measure(model, tokenizer, rows: list[dict], *, samples: int, temperature: float, max_new_tokens: int,
@@ -130,11 +195,10 @@ def measure(model, tokenizer, rows: list[dict], *, samples: int, temperature: fl
                                num_return_sequences=samples, **common) if samples else None
         width = enc["input_ids"].shape[1]
         for i, r in enumerate(chunk):
-            gt = r["reward_model"]["ground_truth"]
-            greedy_ok.append(_is_correct(tokenizer.decode(g[i, width:], skip_special_tokens=True), gt))
+            greedy_ok.append(_is_correct(tokenizer.decode(g[i, width:], skip_special_tokens=True), r))
             if s is not None:
                 outs = s[i * samples:(i + 1) * samples, width:]
-                counts.append(sum(_is_correct(tokenizer.decode(o, skip_special_tokens=True), gt) for o in outs))
+                counts.append(sum(_is_correct(tokenizer.decode(o, skip_special_tokens=True), r) for o in outs))
     n = len(rows)
     return Accuracy(
         greedy=sum(greedy_ok) / n,
@@ -167,8 +231,10 @@ def warm_start(spec: WarmStartSpec | None = None, root: Path | None = None, *, f
     spec = spec or WarmStartSpec()
     root = (root or default_warmstart_root(spec)).resolve()
     cached = load(root)
-    if cached is not None and not force and cached.spec == asdict(spec):
+    if cached is not None and not force and {"task": "arith", **cached.spec} == asdict(spec):
         return cached
+    if spec.task not in TASKS:
+        raise ValueError(f"unknown warm-start task {spec.task!r}; expected one of {', '.join(TASKS)}")
     if spec.val < 1 or spec.train <= spec.val or spec.test < 1 or spec.eval_every < 1 or spec.max_steps < spec.min_steps:
         raise ValueError(f"inconsistent warm-start settings: {spec}")
 
@@ -189,19 +255,16 @@ def _build(spec: WarmStartSpec, root: Path, t0: float, progress: Callable[[str],
     import torch
     from tqdm import tqdm
 
-    problems = tasks.arithmetic_problems(spec.train + spec.test, seed=spec.seed, two_step_share=spec.two_step_share,
-                                         three_step_share=spec.three_step_share)
-    train_p, test_p = problems[: spec.train], problems[spec.train:]
-    # the validation slice is cut from the training questions: neither SFT nor RL sees it
-    val_p, fit_p = train_p[: spec.val], train_p[spec.val:]
-    splits = {"train": tasks.arithmetic_rows(fit_p, "train"), "val": tasks.arithmetic_rows(val_p, "val"),
-              "test": tasks.arithmetic_rows(test_p, "test")}
+    data = task_data(spec)
+    tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    data.write_files(tmp / data.subdir)
+    splits = data.rows(tmp / data.subdir)  # measured here; written below pointing at the final root
 
     model_spec = spec.model_spec()
-    corpus = [r["prompt"][0]["content"] for r in splits["train"]] + [p.solution for p in fit_p] + [tasks.ARITH_INSTRUCTION]
-    tokenizer = _train_tokenizer(corpus, model_spec)
+    tokenizer = _train_tokenizer(data.corpus, model_spec)
     model = _build_model(tokenizer, model_spec)
-    examples = sft_examples(tokenizer, [r["prompt"] for r in splits["train"]], [p.solution for p in fit_p])
+    examples = sft_examples(tokenizer, [r["prompt"] for r in splits["train"]], data.solutions)
 
     torch.manual_seed(spec.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
@@ -232,15 +295,13 @@ def _build(spec: WarmStartSpec, root: Path, t0: float, progress: Callable[[str],
     val_acc = measure(model, tokenizer, splits["val"], **common)
     test_acc = measure(model, tokenizer, splits["test"], **common)  # reported, never used to decide
 
-    tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     model_dir = tmp / "tokenizer-model"
     model_dir.mkdir(parents=True)
     model.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.padding_side = "right"  # what verl's agent loop expects from a saved tokenizer
     tokenizer.save_pretrained(model_dir)
-    for name, rows in splits.items():
-        _write_parquet(rows, tmp / "arith" / f"{name}.parquet")
+    for name, rows in data.rows(root / data.subdir).items():
+        _write_parquet(rows, tmp / data.subdir / f"{name}.parquet")
     result = WarmStartResult(root=root, spec=asdict(spec), steps=step, val=asdict(val_acc), test=asdict(test_acc),
                              curve=curve, seconds=round(time.perf_counter() - t0, 1))
     meta = {"spec": result.spec, "key": spec.key(), "steps": step, "val": result.val, "test": result.test,

@@ -37,6 +37,7 @@ def rlep_pool_path(run_dir: Path) -> Path:
 def trainer_command(exp: Experiment, run: RunSpec, run_dir: Path, recipes: Path) -> list[str]:
     overrides = [
         *exp.shared.overrides(),
+        *exp.task_settings.overrides,
         *seed_overrides(run.method, run.seed),
         f"trainer.default_local_dir={run_dir / 'checkpoints'}",
         f"trainer.experiment_name=mini_{run.label}_seed{run.seed}",
@@ -53,7 +54,8 @@ def trainer_command(exp: Experiment, run: RunSpec, run_dir: Path, recipes: Path)
 def collect_command(exp: Experiment, run: RunSpec, run_dir: Path, assets: Path) -> list[str]:
     c = exp.collect
     return [sys.executable, "-m", "dyjr_verl.baselines.rlep_collect", "--model", str(assets / "tokenizer-model"),
-            "--data", str(assets / "arith" / "train.parquet"), "--out", str(rlep_pool_path(run_dir)),
+            "--data", str(assets / exp.task / "train.parquet"), "--out", str(rlep_pool_path(run_dir)),
+            "--reward", f"pkg://dyjr_verl.rewards.{exp.task_settings.reward}",
             "--n", str(c.n), "--temperature", str(c.temperature), "--top-p", str(c.top_p),
             "--max-tokens", str(exp.shared.max_response_length), "--seed", str(run.seed)]
 
@@ -65,7 +67,7 @@ def checkpoint_dir(run_dir: Path, steps: int) -> Path:
 def eval_command(exp: Experiment, run: RunSpec, run_dir: Path, assets: Path) -> list[str]:
     e = exp.eval
     return [sys.executable, "-m", "dyjr_verl.eval", "--model", str(checkpoint_dir(run_dir, exp.shared.steps)),
-            "--data", f"arith_{e.split}={assets / 'arith' / f'{e.split}.parquet'}", "--samples", str(e.samples),
+            "--data", f"{exp.task}_{e.split}={assets / exp.task / f'{e.split}.parquet'}", "--samples", str(e.samples),
             "--ks", *[str(k) for k in e.ks], "--temperature", str(e.temperature),
             "--max-tokens", str(exp.shared.max_response_length), "--seed", str(run.seed),
             "--rank-k", str(e.rank_k), "--out", str(run_dir / "eval")]

@@ -37,11 +37,33 @@ ABLATION_VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 @dataclass(frozen=True)
+class TaskSettings:
+    """What differs between the embedded tasks (data, reward, lengths); the GRPO settings are the
+    ``_tiny_arith.yaml`` ones for both, so every method runs its usual ``<method>_tiny_cpu`` recipe."""
+
+    name: str  # the warm start's task and the assets subdirectory
+    reward: str  # dyjr_verl.rewards.<reward>
+    max_response_length: int
+    overrides: tuple[str, ...] = ()
+
+
+TASKS: dict[str, TaskSettings] = {
+    "arith": TaskSettings("arith", "math", 48),  # three-step chains of thought need ~36 tokens
+    "sql": TaskSettings("sql", "sql", 64, (  # the gold JOIN queries are ~40 tokens
+        "data.train_files=${dyjr_assets}/sql/train.parquet",
+        "data.val_files=${dyjr_assets}/sql/val.parquet",
+        "data.max_prompt_length=192",
+        "reward.custom_reward_function.path=pkg://dyjr_verl.rewards.sql",
+    )),
+}
+
+
+@dataclass(frozen=True)
 class SharedSettings:
     """Identical for every method (and written into every run's JSON)."""
 
     steps: int = DEFAULT_STEPS
-    max_response_length: int = 48  # three-step chains of thought need ~36 tokens
+    max_response_length: int = TASKS["arith"].max_response_length
 
     def overrides(self) -> list[str]:
         return [
@@ -111,6 +133,11 @@ class Experiment:
     warmstart: WarmStartSpec = field(default_factory=WarmStartSpec)
     deadlines: Deadlines = field(default_factory=Deadlines)
     kind: str = "comparison"  # or "ablation"
+    task: str = "arith"  # a key of TASKS; its warm start is ``warmstart`` (fingerprinted by its key)
+
+    @property
+    def task_settings(self) -> TaskSettings:
+        return TASKS[self.task]
 
     def fingerprint(self, run: RunSpec) -> str:
         """What a finished run's result depends on; a finished run with another fingerprint is stale."""

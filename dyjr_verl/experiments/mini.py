@@ -5,6 +5,7 @@
     python -m dyjr_verl.experiments.mini ablation [--seed 0] [--variants ...] [--steps N] \\
         [--out results/mini/ablation]
     python -m dyjr_verl.analysis.report --runs results/mini/runs --out results/mini
+    (either command with --task sql: the same on the embedded Text-to-SQL task, in results/mini_sql)
 
 ``run``: builds (or reuses) the warm start (``python -m dyjr_verl.assets warmstart``), then for every
 seed and method, sequentially: RLEP's pool collection on the warm-start model (RLEP only, once per
@@ -39,10 +40,12 @@ from dyjr_verl.experiments.config import (
     METHODS,
     Experiment,
     RunSpec,
+    TASKS,
     SharedSettings,
     ablation,
     comparison,
 )
+from dyjr_verl.assets.warmstart import WarmStartSpec
 from dyjr_verl.experiments.process import (
     LockTimeout,
     ProcResult,
@@ -169,7 +172,7 @@ def execute(exp: Experiment, run: RunSpec, *, recipes: Path, warm: dict[str, Any
     })
     t["total_wall_s"] = round(t["collect_s"] + t["train_wall_s"], 1)  # the method's cost (eval is measurement)
     record = {
-        "label": run.label, "method": run.method, "seed": run.seed, "kind": exp.kind, "status": "done",
+        "label": run.label, "method": run.method, "seed": run.seed, "kind": exp.kind, "task": exp.task, "status": "done",
         "fingerprint": fingerprint, "recipe": run.recipe, "extra_overrides": list(run.extra),
         "shared": asdict(exp.shared), "eval_settings": asdict(exp.eval),
         "command": [Path(train_cmd[0]).name, *train_cmd[1:]],
@@ -249,12 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="GRPO vs DyJR vs RLEP vs Ex-GRPO, several seeds, evaluated on the test split")
     r.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
     r.add_argument("--methods", nargs="+", default=list(METHODS))
-    r.add_argument("--out", type=Path, default=Path("results/mini/runs"))
+    r.add_argument("--out", type=Path, default=None, help="default results/mini/runs (sql: results/mini_sql/runs)")
     a = sub.add_parser("ablation", help="DyJR buffer age / lambda / admit filter, one seed, on the validation slice")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--variants", nargs="+", default=list(ABLATION_VARIANTS))
-    a.add_argument("--out", type=Path, default=Path("results/mini/ablation"))
+    a.add_argument("--out", type=Path, default=None, help="default results/mini/ablation (sql: results/mini_sql/ablation)")
     for p in (r, a):
+        p.add_argument("--task", choices=list(TASKS), default="arith",
+                       help="embedded task: arith (the miniature reproduction) or sql (Text-to-SQL, its own warm start)")
         p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"training steps per run (default {DEFAULT_STEPS})")
         p.add_argument("--dry-run", action="store_true", help="print the plan and the trainer command lines only")
         p.add_argument("--redo-stale", action="store_true", help="replace finished runs made with other settings")
@@ -264,18 +269,22 @@ def build_parser() -> argparse.ArgumentParser:
 def experiment_from_args(args: argparse.Namespace) -> Experiment:
     if args.steps < 1:
         raise MiniError(f"--steps must be >= 1, got {args.steps}")
-    shared = SharedSettings(steps=args.steps)
+    task = TASKS[args.task]
+    shared = SharedSettings(steps=args.steps, max_response_length=task.max_response_length)
+    kw = {"task": task.name, "warmstart": WarmStartSpec.for_task(task.name)}
+    root = Path("results/mini" if task.name == "arith" else f"results/mini_{task.name}")
+    out = (args.out or root / ("runs" if args.cmd == "run" else "ablation")).resolve()
     if args.cmd == "run":
         unknown = [m for m in args.methods if m not in METHODS]
         if unknown:
             raise MiniError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
         if len(set(args.seeds)) != len(args.seeds) or any(s < 0 for s in args.seeds):
             raise MiniError(f"--seeds must be distinct non-negative integers, got {args.seeds}")
-        return comparison(args.out.resolve(), list(dict.fromkeys(args.methods)), args.seeds, shared)
+        return comparison(out, list(dict.fromkeys(args.methods)), args.seeds, shared, **kw)
     unknown = [v for v in args.variants if v not in ABLATION_VARIANTS]
     if unknown:
         raise MiniError(f"unknown variant(s) {unknown}; choose from {list(ABLATION_VARIANTS)}")
-    return ablation(args.out.resolve(), list(dict.fromkeys(args.variants)), args.seed, shared)
+    return ablation(out, list(dict.fromkeys(args.variants)), args.seed, shared, **kw)
 
 
 def main(argv: list[str] | None = None) -> int:
