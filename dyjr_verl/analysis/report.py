@@ -229,7 +229,9 @@ def _warmstart_section(runs: list[dict[str, Any]]) -> str:
         return "_No warm-start record in the runs._"
     val, test = ws.get("val", {}), ws.get("test", {})
     k = test.get("k", 8)
-    return (f"`python -m dyjr_verl.assets warmstart` (key `{ws.get('key', '?')}`): {ws.get('steps', '?')} supervised "
+    task = next((r.get("task") for r in runs if r.get("task")), "arith")
+    flag = "" if task == "arith" else f" --task {task}"
+    return (f"`python -m dyjr_verl.assets warmstart{flag}` (key `{ws.get('key', '?')}`): {ws.get('steps', '?')} supervised "
             f"steps, stopped by the rule on the validation slice (greedy {100 * val.get('greedy', float('nan')):.1f}% "
             f"on {val.get('questions', '?')} questions). Held-out test, measured once after the choice (HF generate, "
             f"T = 1): greedy {100 * test.get('greedy', float('nan')):.1f}%, avg@{k} "
@@ -262,6 +264,9 @@ def _setup_section(runs: list[dict[str, Any]]) -> str:
         "pool collection (once per seed, on the warm-start model, counted in that seed's RLEP run). Evaluation "
         "time is not part of a method's cost."),
     ]
+    task_overrides = [o for o in r0.get("command", []) if o.startswith(("data.train_files=", "reward."))]
+    if task_overrides:  # the task's data and reward, identical for every method
+        lines.append("- Task overrides (same for every method): " + ", ".join(f"`{o}`" for o in task_overrides) + ".")
     if startup:
         lines.append(f"- Measured start-up (launch to step 1, without step 1): {startup.mean:.0f} s mean over "
                      f"{startup.n} run(s); evaluation {evalw.mean:.0f} s per run" + (
