@@ -229,7 +229,7 @@ def _warmstart_section(runs: list[dict[str, Any]]) -> str:
         return "_No warm-start record in the runs._"
     val, test = ws.get("val", {}), ws.get("test", {})
     k = test.get("k", 8)
-    task = next((r.get("task") for r in runs if r.get("task")), "arith")
+    task = _task(runs)
     flag = "" if task == "arith" else f" --task {task}"
     return (f"`python -m dyjr_verl.assets warmstart{flag}` (key `{ws.get('key', '?')}`): {ws.get('steps', '?')} supervised "
             f"steps, stopped by the rule on the validation slice (greedy {100 * val.get('greedy', float('nan')):.1f}% "
@@ -240,6 +240,10 @@ def _warmstart_section(runs: list[dict[str, Any]]) -> str:
 
 
 TASK_TITLES = {"arith": "embedded arithmetic", "sql": "embedded Text-to-SQL"}
+
+
+def _task(runs: list[dict[str, Any]]) -> str:
+    return runs[0].get("task", "arith")  # records from before the SQL task carry no task
 
 
 def _setup_section(runs: list[dict[str, Any]]) -> str:
@@ -317,7 +321,7 @@ def write_report(runs_dir: Path, out: Path, ablation_dir: Path | None = None, sm
         if not panels and png.exists():
             png.unlink()  # a stale plot from an earlier report must not survive
 
-    task = runs[0].get("task", "arith")  # records from before the SQL task carry no task
+    task = _task(runs)
     parts = [
         f"# Miniature reproduction: GRPO vs DyJR vs RLEP vs Ex-GRPO (tiny model, {TASK_TITLES.get(task, task)}, CPU)",
         "",

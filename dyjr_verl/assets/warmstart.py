@@ -50,7 +50,14 @@ WARMSTART_FILE = "WARMSTART.json"
 _VERSION = 1  # bump when the procedure changes, so old caches are not taken for new ones
 
 
-TASKS = ("arith", "sql")
+# each task's settings that differ from the defaults below (the SQL pool has 370 questions, longer answers)
+_TASK_DEFAULTS: dict[str, dict[str, Any]] = {"arith": {}, "sql": {"train": 306, "val": 48, "test": 64, "max_new_tokens": 64}}
+TASKS = tuple(_TASK_DEFAULTS)
+
+
+def _check_task(task: str) -> None:
+    if task not in _TASK_DEFAULTS:
+        raise ValueError(f"unknown warm-start task {task!r}; expected one of {', '.join(TASKS)}")
 
 
 @dataclass(frozen=True)
@@ -74,11 +81,9 @@ class WarmStartSpec:
 
     @classmethod
     def for_task(cls, task: str, **overrides: Any) -> WarmStartSpec:
-        """The defaults for ``task`` (the SQL pool has 370 questions and longer answers), then ``overrides``."""
-        if task not in TASKS:
-            raise ValueError(f"unknown warm-start task {task!r}; expected one of {', '.join(TASKS)}")
-        base = cls() if task == "arith" else cls(task="sql", train=306, val=48, test=64, max_new_tokens=64)
-        return replace(base, **overrides)
+        """The defaults for ``task``, then ``overrides``."""
+        _check_task(task)
+        return replace(cls(task=task, **_TASK_DEFAULTS[task]), **overrides)
 
     def key(self) -> str:
         d = asdict(self)
@@ -141,6 +146,7 @@ class TaskData:
 
 def task_data(spec: WarmStartSpec) -> TaskData:
     # the validation slice is cut from the training questions: neither SFT nor RL sees it
+    _check_task(spec.task)
     if spec.task == "arith":
         problems = tasks.arithmetic_problems(spec.train + spec.test, seed=spec.seed,
                                              two_step_share=spec.two_step_share,
@@ -168,7 +174,7 @@ def task_data(spec: WarmStartSpec) -> TaskData:
             subdir="sql", solutions=solutions,
             corpus=[r["prompt"][0]["content"] for r in rows(Path("."))["train"]] + solutions + [tasks.SQL_INSTRUCTION],
             rows=rows, write_files=lambda data_dir: tasks.build_company_db(data_dir / "company.sqlite", seed=spec.seed))
-    raise ValueError(f"unknown warm-start task {spec.task!r}; expected one of {', '.join(TASKS)}")
+    raise AssertionError(f"task {spec.task!r} is in _TASK_DEFAULTS but has no data")
 
 
 def measure(model, tokenizer, rows: list[dict], *, samples: int, temperature: float, max_new_tokens: int,
@@ -233,8 +239,7 @@ def warm_start(spec: WarmStartSpec | None = None, root: Path | None = None, *, f
     cached = load(root)
     if cached is not None and not force and {"task": "arith", **cached.spec} == asdict(spec):
         return cached
-    if spec.task not in TASKS:
-        raise ValueError(f"unknown warm-start task {spec.task!r}; expected one of {', '.join(TASKS)}")
+    _check_task(spec.task)
     if spec.val < 1 or spec.train <= spec.val or spec.test < 1 or spec.eval_every < 1 or spec.max_steps < spec.min_steps:
         raise ValueError(f"inconsistent warm-start settings: {spec}")
 

@@ -31,6 +31,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from dyjr_verl.assets.warmstart import WarmStartSpec
 from dyjr_verl.experiments import commands
 from dyjr_verl.experiments.config import (
     ABLATION_VARIANTS,
@@ -45,7 +46,6 @@ from dyjr_verl.experiments.config import (
     ablation,
     comparison,
 )
-from dyjr_verl.assets.warmstart import WarmStartSpec
 from dyjr_verl.experiments.process import (
     LockTimeout,
     ProcResult,
