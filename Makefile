@@ -32,7 +32,7 @@ assets: install
 	$(PY) -m dyjr_verl.assets build
 
 demo: install assets doctor
-	$(PY) -m verl.trainer.main_ppo --config-path "$(CURDIR)/recipes" --config-name $(RECIPE) \
+	$(PY) -m verl.trainer.main_ppo --config-path "$(CURDIR)/dyjr_verl/recipes" --config-name $(RECIPE) \
 	    trainer.total_training_steps=$(STEPS) 2>&1 | $(PY) -m dyjr_verl.analysis.steps --log runs/demo_$(RECIPE).log
 
 test: install

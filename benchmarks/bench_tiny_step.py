@@ -56,7 +56,7 @@ def run(spec: str, steps: int, assets: Path, extra: list[str]) -> dict:
     recipe, _, own = spec.partition(":")
     extra = [*extra, *(o for o in own.split(",") if o)]
     work = Path(tempfile.mkdtemp(prefix=f"bench_{recipe}_"))
-    cmd = [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", str(REPO / "recipes"),
+    cmd = [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", str(REPO / "dyjr_verl" / "recipes"),
            "--config-name", recipe, f"trainer.total_training_steps={steps}",
            f"trainer.default_local_dir={work / 'ckpt'}", *extra]
     env = {**os.environ, "DYJR_ASSETS_DIR": str(assets)}

@@ -1,4 +1,4 @@
-"""``python -m dyjr_verl <command>``: doctor | recipes."""
+"""``python -m dyjr_verl <command>``: doctor | recipes | plan."""
 
 from __future__ import annotations
 
@@ -7,23 +7,25 @@ import sys
 from pathlib import Path
 
 
-def recipes_dir() -> Path:
-    """Absolute directory of the shipped hydra recipes (use as ``--config-path``)."""
-    import dyjr_verl.recipes as recipes
-
-    return Path(recipes.__path__[0]).resolve()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dyjr_verl")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("doctor", help="check the install: versions, platform, registered components")
     sub.add_parser("recipes", help="print the recipes directory (for --config-path)")
+    sub.add_parser("plan", help="per-step plan of a recipe on a cluster shape (python -m dyjr_verl plan -h)",
+                   add_help=False)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:  # its own parser: hydra overrides follow the options
+        from dyjr_verl.plan import main as plan_main
+
+        return plan_main(argv[1:])
     args = parser.parse_args(argv)
     if args.cmd == "doctor":
         from dyjr_verl.doctor import run
 
         return run()
+    from dyjr_verl.recipes import recipes_dir
+
     print(recipes_dir())
     return 0
 

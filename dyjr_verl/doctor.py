@@ -38,6 +38,24 @@ def _registered(kind: str, name: str) -> bool:
     raise ValueError(f"unknown component kind {kind!r}")
 
 
+#: recipes the README documents; doctor fails when an install lacks any of them
+DOCUMENTED_RECIPES = ("grpo_math", "dyjr_math", "rlep_math", "exgrpo_math", "grpo_sql", "dyjr_sql",
+                      "grpo_tiny_cpu", "dyjr_tiny_cpu")
+
+
+def _recipe_problems() -> list[str]:
+    try:
+        from dyjr_verl.recipes import recipe_names, recipes_dir
+
+        names = set(recipe_names())
+    except Exception as exc:
+        return [f"the recipes cannot be found ({type(exc).__name__}: {exc}): reinstall dyjr-verl"]
+    missing = [r for r in DOCUMENTED_RECIPES if r not in names]
+    if missing:
+        return [f"recipes missing from {recipes_dir()}: {', '.join(missing)} (reinstall dyjr-verl)"]
+    return []
+
+
 def run() -> int:
     import verl  # noqa: F401  loads the plugin through verl's entry-point discovery
 
@@ -68,6 +86,12 @@ def run() -> int:
         if get_platform().device_name != "cpu":
             problems.append("CPU mode is active but verl selected another platform (VERL_PLATFORM set?)")
 
+    recipe_problems = _recipe_problems()
+    if not recipe_problems:
+        from dyjr_verl.recipes import recipe_names, recipes_dir
+
+        print(f"recipes: {recipes_dir()} ({len(recipe_names())})")
+    problems.extend(recipe_problems)
     print("components:")
     for component in plugin.COMPONENTS:
         if component.cpu_only and not compat.is_active():

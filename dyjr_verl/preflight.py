@@ -47,6 +47,11 @@ def check(config: DictConfig) -> list[str]:
     except Exception as exc:  # an interpolation that cannot resolve (e.g. a missing env var)
         return problems + [f"cannot resolve the config: {exc}"]
 
+    for key in ("data.train_files", "data.val_files"):
+        if not _files(OmegaConf.select(config, key)):
+            # the GPU recipes set these to null: left out, verl's own defaults (~/data/gsm8k) would
+            # train something else without a word
+            problems.append(f"{key} is not set: pass {key}=<parquet> (`python -m dyjr_verl.data.math|sql` writes it)")
     hint = " (the tiny recipes need `python -m dyjr_verl.assets build` first)"
     if _looks_local(model_path) and not Path(model_path).expanduser().exists():
         problems.append(f"actor_rollout_ref.model.path does not exist: {model_path}{hint}")
@@ -68,13 +73,17 @@ def check(config: DictConfig) -> list[str]:
         units = int(OmegaConf.select(config, "transfer_queue.backend.SimpleStorage.num_data_storage_units", default=1))
         declared = OmegaConf.select(config, "ray_kwargs.ray_init.num_cpus")
         cpus = int(declared) if declared is not None else (os.cpu_count() or 1)
-        if units + _BASE_CPU_ACTORS > cpus:
+        # only where this machine's CPUs are Ray's: a GPU cluster's nodes are not the planning machine
+        here = declared is not None or str(OmegaConf.select(config, "trainer.device", default="cuda")) == "cpu"
+        if here and units + _BASE_CPU_ACTORS > cpus:
             problems.append(
                 f"TransferQueue would start {units} storage actors needing 1 CPU each but Ray has {cpus} CPUs, "
                 "so scheduling would hang: set transfer_queue.backend.SimpleStorage.num_data_storage_units=1 "
                 "and/or ray_kwargs.ray_init.num_cpus=16"
             )
 
+    problems.extend(_check_trainer_mode(config))
+    problems.extend(_check_context(config))
     node = OmegaConf.select(config, "dyjr")
     if node is not None:
         problems.extend(_check_method_node(node))
@@ -90,9 +99,95 @@ def bypass_mode(config: DictConfig) -> bool:
     return bool(corr and corr.get("bypass_mode", False))
 
 
+#: trainer modes that run the old-log-prob probe (dyjr_verl/trainer/probe.py and its subclasses)
+PROBING_MODES = ("sync_rank_k", "dyjr", "rlep", "exgrpo")
+#: method node -> the trainer mode that reads it
+METHOD_MODES = {"dyjr": "dyjr", "rlep": "rlep", "exgrpo": "exgrpo"}
+_PAD_TO_LENGTH_KEYS = (
+    "actor_rollout_ref.actor.pad_to_length",
+    "actor_rollout_ref.actor.megatron.pad_to_length",
+    "actor_rollout_ref.actor.veomni.pad_to_length",
+)
+
+
+def trainer_mode(config: DictConfig) -> str:
+    """The trainer that main_ppo will run: a v1 mode, or ``legacy`` for ``trainer.use_v1=false``."""
+    if not OmegaConf.select(config, "trainer.use_v1", default=True):
+        return "legacy"
+    return str(OmegaConf.select(config, "trainer.v1.trainer_mode", default="sync"))
+
+
+def _check_trainer_mode(config: DictConfig) -> list[str]:
+    """A method node that is on but that the selected trainer would ignore (plain GRPO would run)."""
+    mode = trainer_mode(config)
+    problems = []
+    for node_name, wanted in METHOD_MODES.items():
+        node = OmegaConf.select(config, node_name)
+        if node is None or not OmegaConf.select(node, "enable", default=True) or mode == wanted:
+            continue
+        why = ("trainer.use_v1=false runs verl's legacy trainer" if mode == "legacy"
+               else f"trainer.v1.trainer_mode={mode}")
+        problems.append(f"{node_name}.enable=true but {why}, which ignores the {node_name}: node (plain GRPO would "
+                        f"run): set trainer.use_v1=true trainer.v1.trainer_mode={wanted}, or {node_name}.enable=false")
+    return problems
+
+
+def model_context(config: DictConfig) -> tuple[int | None, str]:
+    """(context window of the actor model, where it was read); (None, why) when unknown.
+
+    Read from a local ``config.json`` or the local Hugging Face cache (never the hub); else the
+    table of the recipes' models below."""
+    import json
+
+    path = str(OmegaConf.select(config, "actor_rollout_ref.model.path", default=""))
+    local = Path(path).expanduser() / "config.json"
+    data = None
+    if local.is_file():
+        data, source = json.loads(local.read_text()), str(local)
+    else:
+        try:
+            from transformers import AutoConfig
+
+            data, source = AutoConfig.from_pretrained(path, local_files_only=True).to_dict(), "local HF cache"
+        except Exception:
+            data = None
+    if data is not None:
+        window = data.get("max_position_embeddings") or data.get("n_positions") or data.get("seq_length")
+        return (int(window), source) if window else (None, f"{source} has no max_position_embeddings")
+    if path in KNOWN_CONTEXTS:
+        return KNOWN_CONTEXTS[path], "dyjr_verl.preflight.KNOWN_CONTEXTS (the model's config.json)"
+    return None, f"{path}: no config.json readable here"
+
+
+#: max_position_embeddings of the recipes' models (their config.json), for a plan made off-cluster
+KNOWN_CONTEXTS = {
+    "Qwen/Qwen2.5-Math-7B": 4096,
+    "Qwen/Qwen2.5-Math-1.5B": 4096,
+    "Qwen/Qwen2.5-7B-Instruct": 32768,
+    "meta-llama/Llama-3.1-8B-Instruct": 131072,
+    "Elliott/Qwen2.5-Math-7B-16k-think": 16384,
+}
+
+
+def _check_context(config: DictConfig) -> list[str]:
+    window, _ = model_context(config)
+    if window is None:
+        return []
+    prompt = int(OmegaConf.select(config, "data.max_prompt_length", default=0) or 0)
+    response = int(OmegaConf.select(config, "data.max_response_length", default=0) or 0)
+    if prompt + response > window:
+        return [f"data.max_prompt_length + data.max_response_length = {prompt} + {response} = {prompt + response} "
+                f"exceeds the model's context window {window} (vLLM would silently cut responses to "
+                f"{max(window - prompt, 0)} tokens): lower them or use a longer-context model"]
+    return []
+
+
 def probe_unsupported(config: DictConfig) -> str | None:
     """Why the old-log-prob probe (Rank-k metrics, DyJR's top-k record; dyjr_verl/losses/probe.py)
     cannot run with this config; None when it can."""
+    for key in _PAD_TO_LENGTH_KEYS:
+        if OmegaConf.select(config, key, default=False):
+            return f"{key}=true (padded sequences do not reach the logits processor unpadded)"
     if bypass_mode(config):
         return "algorithm.rollout_correction.bypass_mode=true (no old-log-prob forward runs)"
     strategy = OmegaConf.select(config, "actor_rollout_ref.actor.strategy", default="fsdp")
@@ -116,10 +211,28 @@ def _check_diagnostics(config: DictConfig) -> list[str]:
     from dyjr_verl.config import ConfigError, DiagnosticsConfig
 
     try:
-        DiagnosticsConfig.from_omegaconf(OmegaConf.select(config, "diagnostics"), path="diagnostics")
+        diag = DiagnosticsConfig.from_omegaconf(OmegaConf.select(config, "diagnostics"), path="diagnostics")
     except ConfigError as exc:
         return list(exc.errors)
+    why = probe_unsupported(config) if diag.rank_k and trainer_mode(config) in PROBING_MODES else None
+    if why:
+        return [f"diagnostics.rank_k={diag.rank_k} needs verl's old-log-prob forward: not with {why}; "
+                "set diagnostics.rank_k=0"]
     return []
+
+
+def config_warnings(config: DictConfig) -> list[str]:
+    """Settings that run but do less than they say (shown by ``plan`` and at start-up)."""
+    out = []
+    mode = trainer_mode(config)
+    rank_k = OmegaConf.select(config, "diagnostics.rank_k", default=0)
+    if rank_k and mode not in PROBING_MODES:
+        out.append(f"diagnostics.rank_k={rank_k} is ignored by trainer mode {mode} (no rank_k/* metrics): "
+                   f"use one of {', '.join(PROBING_MODES)}")
+    window, source = model_context(config)
+    if window is None:
+        out.append(f"prompt + response length not checked against the model's context ({source})")
+    return out
 
 
 def _check_method_node(node: DictConfig) -> list[str]:
@@ -160,8 +273,12 @@ class Preflight(Callback):
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         import verl  # noqa: F401  loads our plugin (CPU runtime) exactly as main_ppo will
 
-        problems = check(config)
-        if problems:
-            for line in problems:
+        from dyjr_verl.plan import build_plan
+
+        plan = build_plan(config)  # the same errors and warnings `python -m dyjr_verl plan` shows
+        for line in plan.warnings:
+            print(f"dyjr-verl: warning: {line}", file=sys.stderr, flush=True)
+        if plan.errors:
+            for line in plan.errors:
                 print(f"dyjr-verl: error: {line}", file=sys.stderr, flush=True)
             sys.exit(EXIT_CODE)

@@ -12,7 +12,7 @@ from pathlib import Path
 from dyjr_verl.analysis.steps import parse_log
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RECIPES = REPO_ROOT / "recipes"
+RECIPES = REPO_ROOT / "dyjr_verl" / "recipes"
 RUN_DEADLINE_S = 900  # a tiny run takes 2-4 minutes on 2 cores; anything past this is a hang
 
 

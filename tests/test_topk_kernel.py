@@ -376,3 +376,44 @@ def test_triton_kernels_in_cpu_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0 and "INTERPRETER-OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_auto_backend_is_torch_on_cuda_until_a_gpu_check_is_recorded(monkeypatch):
+    """The Triton kernel has never been compiled on a GPU: ``auto`` must not pick it there."""
+    monkeypatch.delenv(K.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(K, "triton_available", lambda: True)
+    assert K.TRITON_GPU_VERIFIED is False or (Path(__file__).parents[1] / "benchmarks" / "topk_kernel_gpu.md").exists()
+    assert K._resolve_backend("auto", torch.device("cuda"), hidden=False) == "torch"
+    monkeypatch.setattr(K, "TRITON_GPU_VERIFIED", True)
+    assert K._resolve_backend("auto", torch.device("cuda"), hidden=False) == "triton"
+
+
+def test_triton_failure_falls_back_to_torch_with_one_warning(monkeypatch):
+    import sys
+    import types
+    import warnings
+
+    broken = types.ModuleType("dyjr_verl.kernels._triton_topk")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("PTX compile failed")
+
+    broken.triton_forward = broken.triton_backward = fail
+    monkeypatch.setitem(sys.modules, "dyjr_verl.kernels._triton_topk", broken)
+    import dyjr_verl.kernels as kernels_pkg
+
+    monkeypatch.setattr(kernels_pkg, "_triton_topk", broken, raising=False)
+    monkeypatch.setattr(K, "_TRITON_FAILED", [])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets backend='triton' through on CPU tensors
+    z = torch.randn(5, 40, requires_grad=True)
+    ids = torch.randint(0, 40, (5, 3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = topk_log_softmax(z, ids, backend="triton")
+        out2 = topk_log_softmax(z, ids, backend="triton")
+    ref = topk_log_softmax(z.detach(), ids, backend="torch")
+    assert torch.allclose(out.logp, ref.logp) and torch.allclose(out2.log_rest, ref.log_rest)
+    (g,) = torch.autograd.grad(out.logp.sum(), z)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "PTX compile failed" in msgs[0] and "torch backend" in msgs[0]

@@ -31,6 +31,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from dyjr_verl.recipes import recipes_dir
 from dyjr_verl.assets.warmstart import WarmStartSpec
 from dyjr_verl.experiments import commands
 from dyjr_verl.experiments.config import (
@@ -198,17 +199,6 @@ def _warm_start(exp: Experiment, progress: Callable[[str], None]) -> dict[str, A
     result = warm_start(exp.warmstart, progress=progress)
     return {"root": str(result.root), "key": exp.warmstart.key(), "steps": result.steps, "val": result.val,
             "test": result.test}
-
-
-def recipes_dir() -> Path:
-    """The shipped recipes; from a source checkout (cwd = repository root, where ``dyjr_verl`` is
-    imported from the directory and the wheel's ``dyjr_verl.recipes`` mapping is absent) ./recipes."""
-    try:
-        from dyjr_verl.__main__ import recipes_dir as installed
-
-        return installed()
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parents[2] / "recipes"
 
 
 def launch(exp: Experiment, *, redo_stale: bool = False, dry_run: bool = False,

@@ -36,8 +36,9 @@ Backends (same API, same outputs):
 
 * ``torch``: chunked torch ops, any device, logits or hidden-state input;
 * ``triton`` (:mod:`dyjr_verl.kernels._triton_topk`): one program per row streaming the vocabulary,
-  logits input only. Selected by ``backend="auto"`` only for CUDA tensors when Triton imports;
-  ``DYJR_TOPK_BACKEND=torch`` forces the torch backend. **The Triton path has been checked only in
+  logits input only. Used only when chosen (``backend="triton"`` or ``DYJR_TOPK_BACKEND=triton``):
+  ``auto`` is the torch backend everywhere until a GPU check is recorded (``TRITON_GPU_VERIFIED``),
+  and a Triton compile or launch failure falls back to torch with one warning. **The Triton path has been checked only in
   Triton's CPU interpreter (``TRITON_INTERPRET=1``, see tests/test_topk_kernel.py), never compiled on a
   GPU; run ``python benchmarks/bench_topk_kernel.py --device cuda --check`` on a GPU before relying on it.**
 """
@@ -117,6 +118,21 @@ def _triton_has_topk() -> bool:
     return hasattr(tl, "topk")
 
 
+#: Flip to True only together with a committed ``benchmarks/topk_kernel_gpu.md`` in which
+#: ``bench_topk_kernel.py --device cuda --check`` passed; until then ``auto`` never picks Triton.
+TRITON_GPU_VERIFIED = False
+_TRITON_FAILED: list[str] = []  # the first Triton failure of this process (then torch for the rest)
+
+
+def _triton_failed(exc: BaseException) -> None:
+    import warnings
+
+    if not _TRITON_FAILED:
+        _TRITON_FAILED.append(f"{type(exc).__name__}: {exc}")
+        warnings.warn(f"dyjr-verl: Triton top-k kernel failed ({_TRITON_FAILED[0].splitlines()[0][:200]}); "
+                      "using the torch backend for the rest of this process", RuntimeWarning, stacklevel=3)
+
+
 def _resolve_backend(backend: str, device: torch.device, hidden: bool) -> str:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -131,7 +147,10 @@ def _resolve_backend(backend: str, device: torch.device, hidden: bool) -> str:
             raise ValueError("the hidden-state path has only the torch backend (matmuls go to cuBLAS anyway)")
         return "torch"
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        verified = TRITON_GPU_VERIFIED and device.type == "cuda" and triton_available()
+        backend = "triton" if verified else "torch"
+    if backend == "triton" and _TRITON_FAILED:
+        return "torch"
     if backend == "triton" and device.type != "cuda":
         if os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
             raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for Triton's CPU interpreter)")
@@ -414,12 +433,17 @@ class _TopKLogSoftmaxFn(torch.autograd.Function):
     def forward(ctx, x, w, ids, rows, inv_t, want_entropy, top_r, chunk, row_block, backend):
         ctx.set_materialize_grads(False)
         with torch.autocast(device_type=x.device.type, enabled=False):
+            out = None
             if backend == "triton":
                 from dyjr_verl.kernels import _triton_topk
 
-                lse, logp, log_rest, entropy, top_probs = _triton_topk.triton_forward(
-                    x, ids, rows, inv_t, want_entropy, top_r
-                )
+                try:
+                    out = _triton_topk.triton_forward(x, ids, rows, inv_t, want_entropy, top_r)
+                except Exception as exc:  # compile/launch failure: torch computes the same outputs
+                    _triton_failed(exc)
+                    backend = "torch"
+            if out is not None:
+                lse, logp, log_rest, entropy, top_probs = out
             else:
                 src = _LogitsSource(x, rows, inv_t) if w is None else _HiddenSource(x, w, rows, inv_t)
                 lse, logp, log_rest, entropy, top_probs = _torch_forward(src, ids, want_entropy, top_r, chunk, row_block)
@@ -444,12 +468,15 @@ class _TopKLogSoftmaxFn(torch.autograd.Function):
             return (None,) * 10
         with torch.autocast(device_type=x.device.type, enabled=False):
             A, B, g_h, corr = _backward_coefficients(lse, logp, log_rest, entropy, g_lse, g_logp, g_rest, g_ent, ids)
+            gx = None
             if backend == "triton":
                 from dyjr_verl.kernels import _triton_topk
 
-                gx = _triton_topk.triton_backward(x, ids, rows, inv_t, lse, A, B, g_h, g_logp)
-                gw = None
-            else:
+                try:
+                    gx, gw = _triton_topk.triton_backward(x, ids, rows, inv_t, lse, A, B, g_h, g_logp), None
+                except Exception as exc:
+                    _triton_failed(exc)
+            if gx is None:
                 src = _LogitsSource(x, rows, inv_t) if w is None else _HiddenSource(x, w, rows, inv_t)
                 if w is not None:
                     src.need_gh, src.need_gw = need_x, need_w

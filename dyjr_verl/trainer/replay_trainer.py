@@ -85,6 +85,7 @@ from dyjr_verl.losses.topk_js import (
     record_from_model_output,
 )
 from dyjr_verl.replay.buffer import TimeSensitiveBuffer, Trajectory
+from dyjr_verl.replay.placement import UpdateShape, place_replay_rows, plan_minibatches  # noqa: F401  (re-export)
 from dyjr_verl.replay.pools import question_key
 from dyjr_verl.trainer.probe import ProbedSyncTrainer
 from dyjr_verl.trainer.state import buffer_digest
@@ -209,13 +210,12 @@ class ReplayTrainerBase(ProbedSyncTrainer):
         return self.topk_record_k() > 0
 
     # -- helpers -------------------------------------------------------------------------------------
-    def _replay_row_multiple(self, dp: int) -> int:
-        """Replay rows per mini-batch must keep every rank's share a whole number of micro-batches
-        (verl asserts it in ``prepare_micro_batches``) unless micro-batches are sized by tokens."""
+    def _update_shape(self, fresh_rows: int) -> UpdateShape:
+        """How verl will split this step's actor update (the replay placement depends on it)."""
         actor = self.config.actor_rollout_ref.actor
-        if actor.get("use_dynamic_bsz", False):
-            return dp
-        return dp * int(actor.ppo_micro_batch_size_per_gpu)
+        micro = 1 if actor.get("use_dynamic_bsz", False) else int(actor.ppo_micro_batch_size_per_gpu)
+        mini = int(actor.ppo_mini_batch_size) * int(self.config.actor_rollout_ref.rollout.n)
+        return UpdateShape(fresh_rows=fresh_rows, minibatch_rows=mini, dp=self._actor_dp_size(), micro=micro)
 
     def _forward_row_multiple(self, dp: int) -> int:
         """Rows of a log-prob forward (old / ref log-probs) must split into whole micro-batches on
@@ -349,17 +349,16 @@ class ReplayTrainer(ReplayTrainerBase):
             row.update({key: value[i] for key, value in topk_fields.items()})
         real = [not tag.get("is_padding", False) for tag in batch.tags]
 
-        n = int(self.config.actor_rollout_ref.rollout.n)
-        mini = int(self.config.actor_rollout_ref.actor.ppo_mini_batch_size) * n
-        dp = self._actor_dp_size()
         fresh_total = len(batch)
-        num_mb = fresh_total // mini
-        multiple = self._replay_row_multiple(dp)
-        per_mb = self._replay_rows_per_minibatch(sum(real), num_mb, multiple)
-        drawn = self.draw_rows(per_mb * num_mb) if per_mb else []
-        per_mb = len(drawn) // num_mb if num_mb else 0
-        per_mb -= per_mb % multiple
-        drawn = drawn[: per_mb * num_mb]
+        shape = self._update_shape(fresh_total)
+        mini, dp, num_mb = shape.minibatch_rows, shape.dp, shape.num_minibatches
+        # the same placement `python -m dyjr_verl plan` reports (dyjr_verl/replay/placement.py)
+        placement = place_replay_rows(self.target_replay_rows(sum(real)), shape)
+        drawn = self.draw_rows(placement.rows) if placement.rows else []
+        if len(drawn) < placement.rows:  # the store holds fewer rows than planned (early steps)
+            placement = place_replay_rows(placement.target_rows, shape, available=len(drawn))
+            drawn = drawn[: placement.rows]
+        per_mb = placement.per_minibatch
 
         # Row order handed to update_actor: per dp rank, per mini-batch, fresh rows then replay rows.
         order: list[tuple[str, int]] = []  # ("f", fresh index) | ("r", drawn index)
@@ -436,6 +435,7 @@ class ReplayTrainer(ReplayTrainerBase):
         metrics.update(self.store_metrics())
         metrics.update({
             f"{self.metric_prefix}replay/rows": float(len(drawn)),
+            f"{self.metric_prefix}replay/target_rows": float(placement.target_rows),
             f"{self.metric_prefix}replay/tokens": float(sum(t.num_tokens for t in drawn)),
             f"{self.metric_prefix}replay/mean_age": float(np.mean(ages)) if ages else 0.0,
             f"{self.metric_prefix}replay/share": len(drawn) / float(len(drawn) + fresh_total),
@@ -461,13 +461,6 @@ class ReplayTrainer(ReplayTrainerBase):
             return out
 
         return {TOPK_IDS_KEY: pad(rec.ids), TOPK_LOGP_KEY: pad(rec.logp), TOPK_LOG_REST_KEY: pad(rec.log_rest)}
-
-    def _replay_rows_per_minibatch(self, fresh_real_rows: int, num_mb: int, multiple: int) -> int:
-        if num_mb == 0:
-            return 0
-        target = self.target_replay_rows(fresh_real_rows)
-        per_mb = target // num_mb
-        return per_mb - per_mb % multiple
 
     @staticmethod
     def _to_trajectory(row: dict, tags: dict, logprobs: torch.Tensor, step: int) -> Trajectory:
@@ -568,25 +561,6 @@ def make_replay_row(
         "seq_len": p_len + length, "is_replay": True, "is_padding": False,
     }
     return row, new_tag
-
-
-def plan_minibatches(
-    fresh_rows: int, total_rows: int, *, rows_per_minibatch: int, row_multiple: int, batch_multiple: int = 1
-) -> tuple[int, int]:
-    """(optimizer steps, rows per mini-batch) for a step with replayed rows inside the groups.
-
-    verl would take ``ceil(fresh_rows / rows_per_minibatch)`` optimizer steps on the fresh rows
-    (``rows_per_minibatch = ppo_mini_batch_size x n``); the replayed rows do not add any: each
-    mini-batch grows to the smallest multiple of ``row_multiple`` (dp x training micro-batch)
-    that holds ``total_rows`` in that many steps and makes the whole batch a multiple of
-    ``batch_multiple`` (dp x the log-prob micro-batches, which verl's forward passes assert).
-    verl pads the batch to steps x rows with its own no-op padding rows.
-    """
-    steps = max(1, math.ceil(fresh_rows / rows_per_minibatch))
-    rows = row_multiple * math.ceil(total_rows / (steps * row_multiple))
-    while (steps * rows) % batch_multiple:
-        rows += row_multiple
-    return steps, rows
 
 
 def spread_rows(is_replay: list[bool], dp: int, num_minibatches: int) -> list[int]:
@@ -696,6 +670,9 @@ class GroupReplayTrainer(ReplayTrainerBase):
     """
 
     metric_prefix: str = "replay/"
+    #: True: replayed rows add optimizer steps of ppo_mini_batch_size x n rows (official RLEP);
+    #: False: verl's step count on the fresh rows, mini-batches grow (dyjr_verl.replay.placement.plan_minibatches)
+    keeps_minibatch_rows: bool = False
 
     def __init__(self, config: DictConfig):
         self._group_step: Optional[GroupStep] = None
@@ -873,8 +850,9 @@ class GroupReplayTrainer(ReplayTrainerBase):
             step.fresh_rows, step.fresh_rows + len(rows),
             rows_per_minibatch=int(self.config.actor_rollout_ref.actor.ppo_mini_batch_size)
             * int(self.config.actor_rollout_ref.rollout.n),
-            row_multiple=self._replay_row_multiple(self._actor_dp_size()),
+            row_multiple=self._update_shape(step.fresh_rows).row_multiple,
             batch_multiple=self._forward_row_multiple(self._actor_dp_size()),
+            keep_minibatch_rows=self.keeps_minibatch_rows,
         )
         # Fill up to steps x rows ourselves: verl's padding rows are 128-token synthetic sequences,
         # ours reuse a real prompt with one masked-out token (cheaper forwards, same no-op).

@@ -15,9 +15,9 @@ Deliberate difference: a question with fewer than M stored answers gets only tho
 not in the pool). The official loader pads such questions with empty answers that are scored as
 failures and join the group; that quirk is not reproduced (docs/baselines.md).
 
-Everything else — where rows enter the step, TransferQueue keys, scoring, mini-batch sizing
-(the optimizer takes as many steps as GRPO, each over ``ppo_mini_batch_size x (G + M)`` rows at
-most) — is the shared :class:`~dyjr_verl.trainer.replay_trainer.GroupReplayTrainer`.
+Mini-batches keep ``ppo_mini_batch_size x G`` rows as in the official code, so the replayed rows
+add optimizer steps (512 x 18 rows: 9 steps where GRPO takes 8). Everything else — where rows enter
+the step, TransferQueue keys, scoring, padding — is the shared :class:`~dyjr_verl.trainer.replay_trainer.GroupReplayTrainer`.
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ class RLEPTrainer(GroupReplayTrainer):
 
     config_node = "rlep"
     metric_prefix = "rlep/"
+    # official code: the G + M rows go through mini-batches of ppo_mini_batch_size x G rows, so
+    # 512 x 18 rows take 9 optimizer steps where GRPO takes 8 (docs/baselines.md)
+    keeps_minibatch_rows = True
 
     def parse_method_config(self, config: DictConfig) -> RLEPConfig:
         return RLEPConfig.from_omegaconf(config.get(self.config_node), path=self.config_node)

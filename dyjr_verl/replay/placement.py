@@ -1,0 +1,141 @@
+"""Where replayed rows go in verl's actor update: the one computation shared by the trainers, the
+start-up check and ``python -m dyjr_verl plan``.
+
+verl splits the update batch into mini-batches (one optimizer step each) and every dp rank's part
+of a mini-batch into micro-batches of ``ppo_micro_batch_size_per_gpu`` rows, and asserts that they
+divide evenly (``prepare_micro_batches``). Replayed rows added to a mini-batch must therefore come
+in multiples of ``dp x micro`` (``dp`` with token-sized micro-batches, ``use_dynamic_bsz``).
+Flooring the configured share to that multiple used to give *zero* replay at cluster scale
+(512 x 16 rows, mini-batch 64 prompts, 64 ranks x micro 4: 128 wanted per mini-batch, multiple 256);
+here the count is rounded to the *nearest* multiple and never to zero while rows are wanted, and a
+placement more than :data:`MAX_SHARE_DISTORTION` away from the configured share is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+#: a placement whose replay share is more than this factor above or below the configured one is an
+#: error (``plan`` and the start-up check say which setting to change); within it, a warning.
+MAX_SHARE_DISTORTION = 2.0
+#: relative share deviation above which ``plan`` and the start-up check warn
+WARN_SHARE_DEVIATION = 0.10
+
+
+@dataclass(frozen=True)
+class UpdateShape:
+    """What verl's actor update splitting depends on."""
+
+    fresh_rows: int  # train_batch_size x rollout.n
+    minibatch_rows: int  # ppo_mini_batch_size x rollout.n (fresh rows of one optimizer step)
+    dp: int  # actor data-parallel ranks
+    micro: int  # ppo_micro_batch_size_per_gpu; 1 with use_dynamic_bsz (token-sized micro-batches)
+
+    @property
+    def row_multiple(self) -> int:
+        return self.dp * self.micro
+
+    @property
+    def num_minibatches(self) -> int:
+        return self.fresh_rows // self.minibatch_rows if self.minibatch_rows else 0
+
+    def problems(self) -> list[str]:
+        """verl's own splitting rules for the fresh rows (it would assert on them later)."""
+        out = []
+        if self.minibatch_rows <= 0 or self.fresh_rows % self.minibatch_rows:
+            out.append(f"{self.fresh_rows} fresh rows per step do not split into mini-batches of "
+                       f"{self.minibatch_rows} rows (data.train_batch_size must be a multiple of "
+                       "actor.ppo_mini_batch_size)")
+        elif self.minibatch_rows % self.row_multiple:
+            out.append(f"a mini-batch of {self.minibatch_rows} rows does not split into {self.dp} ranks x "
+                       f"micro-batches of {self.micro} (ppo_mini_batch_size x n must be a multiple of "
+                       f"{self.row_multiple})")
+        return out
+
+
+@dataclass(frozen=True)
+class ReplayPlacement:
+    """Replay rows of one step, equal in every mini-batch (verl's split needs equal mini-batches)."""
+
+    target_rows: int  # what the configured share asks for
+    per_minibatch: int
+    num_minibatches: int
+    row_multiple: int
+    fresh_rows: int
+
+    @property
+    def rows(self) -> int:
+        return self.per_minibatch * self.num_minibatches
+
+    @property
+    def share(self) -> float:
+        """Replay rows per fresh row, as configured shares are stated."""
+        return self.rows / self.fresh_rows if self.fresh_rows else 0.0
+
+    @property
+    def distortion(self) -> float:
+        """Placed / wanted rows (1.0 = exact; inf when rows are wanted but none can be placed)."""
+        if self.target_rows == 0:
+            return 1.0 if self.rows == 0 else math.inf
+        return self.rows / self.target_rows
+
+    def problems(self) -> tuple[list[str], list[str]]:
+        """(errors, warnings) about this placement, one line each."""
+        if self.target_rows == 0:
+            return [], []
+        fix = ("set actor.use_dynamic_bsz=true (then the multiple is dp), lower "
+               "ppo_micro_batch_size_per_gpu, or change the replay size")
+        got = (f"{self.rows} replay rows per step ({self.per_minibatch} per mini-batch x {self.num_minibatches}, "
+               f"multiples of dp x micro = {self.row_multiple}) for {self.target_rows} wanted")
+        d = self.distortion
+        if not (1 / MAX_SHARE_DISTORTION <= d <= MAX_SHARE_DISTORTION):
+            return [f"no replay placement within {MAX_SHARE_DISTORTION:g}x of the configured share: {got}; {fix}"], []
+        if abs(d - 1.0) > WARN_SHARE_DEVIATION:
+            return [], [f"replay share {self.share:.3f} instead of {self.target_rows / self.fresh_rows:.3f}: {got}"]
+        return [], []
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "rows": self.rows, "share": self.share}
+
+
+def place_replay_rows(target_rows: int, shape: UpdateShape, available: int | None = None) -> ReplayPlacement:
+    """Replay rows per mini-batch: the multiple of ``dp x micro`` nearest to an equal share of
+    ``target_rows``, at least one multiple while any row is wanted, and no more than ``available``
+    (rows the store can give this step) allows."""
+    num_mb, multiple = shape.num_minibatches, shape.row_multiple
+    per_mb = 0
+    if target_rows > 0 and num_mb > 0:
+        k = max(1, math.floor(target_rows / (num_mb * multiple) + 0.5))
+        if available is not None:
+            k = min(k, available // (num_mb * multiple))
+        per_mb = k * multiple
+    return ReplayPlacement(target_rows=int(target_rows), per_minibatch=per_mb, num_minibatches=num_mb,
+                           row_multiple=multiple, fresh_rows=shape.fresh_rows)
+
+
+def plan_minibatches(
+    fresh_rows: int, total_rows: int, *, rows_per_minibatch: int, row_multiple: int, batch_multiple: int = 1,
+    keep_minibatch_rows: bool = False,
+) -> tuple[int, int]:
+    """(optimizer steps, rows per mini-batch) for a step with replayed rows inside the groups.
+
+    Default: as many optimizer steps as verl takes on the fresh rows
+    (``ceil(fresh_rows / rows_per_minibatch)``), each mini-batch grown to hold ``total_rows``.
+    ``keep_minibatch_rows``: mini-batches keep ``rows_per_minibatch`` rows and the replayed rows
+    add optimizer steps (the official RLEP code: 512 x 18 rows in mini-batches of 64 x 16 = 9 steps).
+    Rows per mini-batch are rounded up to a multiple of ``row_multiple`` (dp x training micro-batch)
+    and the whole batch to a multiple of ``batch_multiple`` (the log-prob passes' split); verl pads
+    to steps x rows with no-op rows.
+    """
+    if keep_minibatch_rows:
+        rows = row_multiple * math.ceil(rows_per_minibatch / row_multiple)
+        steps = max(1, math.ceil(total_rows / rows))
+        while (steps * rows) % batch_multiple:
+            steps += 1
+        return steps, rows
+    steps = max(1, math.ceil(fresh_rows / rows_per_minibatch))
+    rows = row_multiple * math.ceil(total_rows / (steps * row_multiple))
+    while (steps * rows) % batch_multiple:
+        rows += row_multiple
+    return steps, rows
