@@ -20,6 +20,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
 	$(PIP) install -q -e ".[cpu,math,sql,dev]" 2>&1 | grep -v "is ignored" || true
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	@# megatron-core (pure Python) beside the venv's site-packages: only tests/test_megatron_contract.py puts
+	@# it on a path, to check the replay loss against verl's Megatron engine code (megatron-core 0.16.1 = the
+	@# [megatron] extra's pin)
+	$(PIP) install -q --no-deps --target $(VENV)/megatron-site "megatron-core==0.16.1" 2>&1 | grep -v "is ignored" || true
 	$(PY) -c "import torch, verl, vllm, math_verify, sqlglot, dyjr_verl" 
 	touch $@
 
