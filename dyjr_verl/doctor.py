@@ -112,3 +112,10 @@ def run() -> int:
         return 1
     print("doctor: all green")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    argparse.ArgumentParser(prog="dyjr-verl doctor", description=__doc__).parse_args(argv)
+    return run()

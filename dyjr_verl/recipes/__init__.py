@@ -12,3 +12,14 @@ def recipes_dir() -> Path:
 def recipe_names() -> list[str]:
     """Every launchable recipe (fragments, named ``_*.yaml``, are composed by them)."""
     return sorted(p.stem for p in recipes_dir().glob("*.yaml") if not p.name.startswith("_"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="dyjr-verl recipes", description="Print the shipped recipes directory "
+                                     "(main_ppo --config-path); --list prints the launchable recipe names.")
+    parser.add_argument("--list", action="store_true")
+    args = parser.parse_args(argv)
+    print("\n".join(recipe_names()) if args.list else recipes_dir())
+    return 0
