@@ -65,7 +65,7 @@ class Plan:
     model_context_source: str = ""
     tokens_per_step_max: int = 0
     buffer_bytes_per_step: int = 0  # what one step adds to the method's store (upper bound)
-    buffer_bytes_max: int | None = None  # the store's bound (None: grows with training)
+    buffer_bytes_max: int | None = 0  # the store's bound (None: grows with training; 0: no store)
     topk_record_bytes_per_step: int = 0
     notes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -200,7 +200,7 @@ def _rlep(plan: Plan, config: DictConfig, shape: UpdateShape, row_bytes: int, ep
     plan.replay_rows_per_step, plan.replay_rows_per_minibatch = replay, math.ceil(replay / steps)
     plan.replay_share_configured = plan.replay_share = replay / plan.fresh_rows_per_step
     pool = Path(str(cfg.pool_path or "")).expanduser()
-    plan.buffer_bytes_max = pool.stat().st_size if pool.is_file() else None
+    plan.buffer_bytes_max = pool.stat().st_size if pool.is_file() else None  # the pool file, read once
     plan.notes.append(f"up to {cfg.replay_per_group} stored answers join each group; mini-batches keep "
                       f"{shape.minibatch_rows} rows, so {steps} optimizer steps ({steps * rows} rows with padding)")
 
@@ -220,6 +220,7 @@ def _exgrpo(plan: Plan, config: DictConfig, shape: UpdateShape, row_bytes: int, 
     plan.replay_rows_per_minibatch = math.ceil(questions / max(1, shape.num_minibatches))
     plan.replay_share_configured = plan.replay_share = questions / plan.fresh_rows_per_step
     plan.buffer_bytes_per_step = plan.fresh_rows_per_step * row_bytes  # correct rollouts of partly solved groups
+    plan.buffer_bytes_max = None
     plan.notes.append(f"once fresh accuracy > {cfg.start_accuracy:g}: {questions} of {prompts} questions per step "
                       "come from the pool (K-1 fresh + 1 replayed); the pool is not bounded")
 

@@ -419,3 +419,23 @@ def test_pool_update_counts_the_whole_group_stores_fresh_successes_and_activates
     assert t._active and metrics["exgrpo/active"] == 1.0
     assert metrics["exgrpo/pool/outcome_stored"] == 2.0 and metrics["exgrpo/pool/outcome_retired"] == 1.0
     assert t._issued == {} and t._experience == {}
+
+
+def test_nothing_is_collected_before_activation(monkeypatch):
+    """Official Ex-GRPO is purely on-policy until fresh accuracy first exceeds start_accuracy."""
+    import transfer_queue as tq
+    from transfer_queue import KVBatchMeta
+
+    t = StubTrainer.make([], n=4, start_accuracy=0.9)
+    rows = [("f", 1.0, [1, 2]), ("f", 0.0, [3]), ("f", 1.0, [4]), ("f", 0.0, [5]),
+            ("s", 1.0, [1]), ("s", 1.0, [2]), ("s", 1.0, [3]), ("s", 1.0, [4])]
+    keys = [f"{u}_{i}_0" for i, (u, _, _) in enumerate(rows)]
+    step = _install_step(t, {"f": keys[0:4], "s": keys[4:8]})
+    t._issued = {"f": (q_key("f"), row("f")), "s": (q_key("s"), row("s"))}
+    monkeypatch.setattr(tq, "kv_batch_get", lambda keys, partition_id, select_fields=None: _tq_rows(rows))
+    metrics: dict = {}
+    t.after_group_step(KVBatchMeta(partition_id="train", keys=keys, tags=[{} for _ in keys]), step, metrics)
+    assert not t._active and metrics["exgrpo/active"] == 0.0
+    assert q_key("f") not in t.store and not t.store.is_retired(q_key("s"))  # neither stored nor retired
+    assert metrics["exgrpo/pool/outcome_before_activation"] == 2.0
+    assert metrics["exgrpo/batch_accuracy"] == pytest.approx(6 / 8)

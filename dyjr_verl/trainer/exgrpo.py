@@ -16,10 +16,11 @@ Per step (K = ``rollout.n``):
 3. **Loss.** Fresh tokens: verl's ``ppo_loss``. Replayed tokens: ``-A * w / (w + beta)``,
    ``w = pi_theta / pi_recorded``, beta = 0.1, unclipped (the ``shaped_pg`` replay term), one joint
    token normaliser.
-4. **Pool** (:meth:`after_group_step`). For every group with k correct of K: k = K retires the
-   question; 0 < k <= K - 1 stores its correct rollouts (deduplicated by tokens) with their
-   rollout-time log-probs and moves it to bucket k. Replay switches on after the first step whose
-   fresh-rollout accuracy exceeds 0.35 and stays on.
+4. **Pool** (:meth:`after_group_step`). Nothing is collected until the first step whose
+   fresh-rollout accuracy exceeds 0.35 (official code: purely on-policy until then); from that step
+   on, for every group with k correct of K: k = K retires the question; 0 < k <= K - 1 stores its
+   correct rollouts (deduplicated by tokens) with their rollout-time log-probs and moves it to
+   bucket k. Replay starts on the next step and stays on.
 
 Pool, buckets and retirement: :class:`dyjr_verl.replay.pools.ExperiencePool`; settings:
 :class:`dyjr_verl.baselines.config.ExGRPOConfig`; the shared machinery:
@@ -259,23 +260,35 @@ class ExGRPOTrainer(GroupReplayTrainer):
         ):
             by_uid[str(uid)].append((key in replay, float(rm.float().sum()), resp, lp))
 
-        self.store.begin_step()
-        outcomes: dict[str, int] = defaultdict(int)
-        fresh_scores, ks = [], []
         thr = cfg.pool.correct_threshold
+        fresh_scores = [score for rows in by_uid.values() for is_replay, score, _, _ in rows if not is_replay]
+        accuracy = float(np.mean([s > thr for s in fresh_scores])) if fresh_scores else 0.0
+        self._last_accuracy = accuracy
+        if not self._active and accuracy > cfg.start_accuracy:
+            self._active = True
+            logger.info(f"exgrpo: fresh-rollout accuracy {accuracy:.3f} > {cfg.start_accuracy}: experience "
+                        "collection on from this step, replay from the next")
+
+        outcomes: dict[str, int] = defaultdict(int)
+        ks = []
+        # The official code is purely on-policy until activation: nothing is stored (or retired)
+        # before the first step whose fresh accuracy exceeds start_accuracy.
+        self.store.begin_step()
         for uid, rows in by_uid.items():
             group = step.groups.get(uid)
             question, prompt_row = self._issued.get(uid, (group.question if group else None, None))
+            k = sum(score > thr for _, score, _, _ in rows)
+            ks.append(k)
+            if not self._active:
+                outcomes["before_activation"] += 1
+                continue
             if question is None or (prompt_row is None and question not in self.store):
                 outcomes["unknown_prompt"] += 1  # e.g. a prompt issued before a resume
                 continue
-            k = sum(score > thr for _, score, _, _ in rows)
             correct = [
                 PoolTrajectory(resp.numpy(), lp.float().numpy(), score, self.global_steps)
                 for is_replay, score, resp, lp in rows if not is_replay and score > thr
             ]
-            fresh_scores += [score for is_replay, score, _, _ in rows if not is_replay]
-            ks.append(k)
             outcome = self.store.update_group(
                 question, num_correct=k, group_size=len(rows), correct=correct, prompt_row=prompt_row
             )
@@ -284,11 +297,6 @@ class ExGRPOTrainer(GroupReplayTrainer):
             self._issued.pop(uid, None)
             self._experience.pop(uid, None)
 
-        accuracy = float(np.mean([s > thr for s in fresh_scores])) if fresh_scores else 0.0
-        self._last_accuracy = accuracy
-        if not self._active and accuracy > cfg.start_accuracy:
-            self._active = True
-            logger.info(f"exgrpo: fresh-rollout accuracy {accuracy:.3f} > {cfg.start_accuracy}: replay on from the next step")
         p = self.metric_prefix
         metrics.update(self.store_metrics())
         metrics.update({
