@@ -85,11 +85,13 @@ def check(config: DictConfig) -> list[str]:
     problems.extend(_check_trainer_mode(config))
     problems.extend(_check_context(config))
     node = OmegaConf.select(config, "dyjr")
+    topk = []
     if node is not None:
         problems.extend(_check_method_node(node))
-        problems.extend(_check_topk_estimator(node, config))
+        topk = _check_topk_estimator(node, config)
+        problems.extend(topk)
     problems.extend(_check_baseline_nodes(config))
-    problems.extend(_check_diagnostics(config))
+    problems.extend(_check_diagnostics(config, probe_reported=bool(topk)))
     return problems
 
 
@@ -207,14 +209,16 @@ def _check_topk_estimator(node: DictConfig, config: DictConfig) -> list[str]:
     return [f"dyjr.js.estimator=topk needs verl's old-log-prob forward: not with {why}"] if why else []
 
 
-def _check_diagnostics(config: DictConfig) -> list[str]:
+def _check_diagnostics(config: DictConfig, probe_reported: bool = False) -> list[str]:
     from dyjr_verl.config import ConfigError, DiagnosticsConfig
 
     try:
         diag = DiagnosticsConfig.from_omegaconf(OmegaConf.select(config, "diagnostics"), path="diagnostics")
     except ConfigError as exc:
         return list(exc.errors)
-    why = probe_unsupported(config) if diag.rank_k and trainer_mode(config) in PROBING_MODES else None
+    # one line per cause: the top-k estimator's line already names why the probe cannot run
+    probing = diag.rank_k and trainer_mode(config) in PROBING_MODES and not probe_reported
+    why = probe_unsupported(config) if probing else None
     if why:
         return [f"diagnostics.rank_k={diag.rank_k} needs verl's old-log-prob forward: not with {why}; "
                 "set diagnostics.rank_k=0"]

