@@ -225,3 +225,114 @@ def test_plan_appends_m_answers_per_group_in_the_pool():
     assert metrics["rlep/replay/questions_not_in_pool"] == 1.0 and metrics["rlep/replay/questions_short"] == 1.0
     trusted = _rlep_trainer(pool, min_correct=1, rescore=False).plan_group_replay(groups, {})
     assert all(s.score == 1.0 for s in trusted)
+
+
+# -- collection: de-duplication, chunks and resume (vLLM replaced by a deterministic generate) --------
+
+
+def _collect_frame(repeats: int = 3):
+    import pandas as pd
+
+    qs = [(f"What is {i} + {i}?", str(2 * i)) for i in range(7)]
+    return pd.DataFrame([
+        {"data_source": "math_dapo", "prompt": [{"role": "user", "content": q}], "ability": "math",
+         "reward_model": {"ground_truth": a, "style": "rule"}, "extra_info": {"index": f"uuid-{i}"}}  # as DAPO's
+        for _ in range(repeats) for i, (q, a) in enumerate(qs)
+    ])
+
+
+def _fake_generate(seen: list):
+    """What vLLM would return for a chunk: n answers per question, how many right depends only on the question."""
+    def generate(chunk):
+        seen.extend(q["question_key"] for q in chunk)
+        out = []
+        for q in chunk:
+            right = int(q["question_key"], 16) % 4  # 0..3 of 4 right
+            out.append([f"so\nAnswer: {q['ground_truth']}" if j < right else f"so\nAnswer: {int(q['ground_truth']) + 1}"
+                        for j in range(4)])
+        return out
+    return generate
+
+
+def _collect_args(tmp_path, out, *extra):
+    return build_parser().parse_args(["--model", str(tmp_path), "--data", "d.parquet", "--out", str(out), "--n", "4",
+                                      "--batch-questions", "3", *extra])
+
+
+def test_collection_samples_each_question_once():
+    from dyjr_verl.baselines.rlep_collect import load_questions
+
+    questions, duplicates = load_questions(_collect_frame(repeats=3))
+    assert len(questions) == 7 and duplicates == 14
+    assert [q["ground_truth"] for q in questions] == [str(2 * i) for i in range(7)]
+    assert len({q["question_key"] for q in questions}) == 7
+    assert [q["index"] for q in questions] == list(range(7))  # row numbers where extra_info.index is no number
+    limited, _ = load_questions(_collect_frame(repeats=3), limit=2)  # --limit counts distinct questions
+    assert [q["ground_truth"] for q in limited] == ["0", "2"]
+    with pytest.raises(ValueError, match="no 'problem' column"):
+        load_questions(_collect_frame(), prompt_key="problem")
+
+
+def test_killed_collection_resumes_and_gives_the_same_pool(tmp_path):
+    import pyarrow.parquet as pq
+
+    from dyjr_verl.baselines.rlep_collect import load_questions, load_reward_fn, parts_dir, run_collection
+
+    reward = load_reward_fn("pkg://dyjr_verl.rewards.math")
+    questions, _ = load_questions(_collect_frame())
+    whole = tmp_path / "whole" / "pool.parquet"
+    calls: list = []
+    summary = run_collection(questions, _collect_args(tmp_path, whole), _fake_generate(calls), reward)
+    assert calls == [q["question_key"] for q in questions]  # every question once, in 3 chunks (3 + 3 + 1)
+    assert sorted(p.name for p in parts_dir(whole).glob("part-*.parquet")) == [f"part-00000{i}.parquet" for i in range(3)]
+    assert summary["samples"] == 28 and summary["resumed_questions"] == 0
+
+    # killed while the second chunk was being generated
+    resumed = tmp_path / "resumed" / "pool.parquet"
+    first: list = []
+    good = _fake_generate(first)
+
+    def dies_on_second_chunk(chunk):
+        if first:
+            raise KeyboardInterrupt
+        return good(chunk)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_collection(questions, _collect_args(tmp_path, resumed), dies_on_second_chunk, reward)
+    assert not resumed.exists() and len(list(parts_dir(resumed).glob("part-*.parquet"))) == 1
+    rest: list = []
+    again = run_collection(questions, _collect_args(tmp_path, resumed), _fake_generate(rest), reward)
+    assert rest == [q["question_key"] for q in questions[3:]]  # only the unfinished chunks
+    assert again["resumed_questions"] == 3 and again["samples"] == summary["samples"]
+    a, b = RLEPPool.load(whole, min_correct=1), RLEPPool.load(resumed, min_correct=1)
+    assert a.fingerprint() == b.fingerprint() and len(a) == summary["pool_questions"] > 0
+    assert pq.read_table(whole).to_pylist() == pq.read_table(resumed).to_pylist()
+    gold = {q["question_key"]: q["ground_truth"] for q in questions}
+    for k in a.questions():  # verified by the real reward: only right answers, >= --min-correct of them
+        assert len(a.candidates(k)) >= 2 and all(c.endswith(f"Answer: {gold[k]}") for c in a.candidates(k))
+    # a rerun of a finished collection samples nothing; another --min-correct rebuilds from the parts
+    none: list = []
+    loose = run_collection(questions, _collect_args(tmp_path, resumed, "--min-correct", "1"), _fake_generate(none), reward)
+    assert none == [] and loose["pool_questions"] >= summary["pool_questions"]
+
+
+def test_resume_with_other_settings_is_refused_in_one_line(tmp_path, capsys):
+    import pandas as pd
+
+    from dyjr_verl.baselines.rlep_collect import _open_parts, load_questions, main, parts_dir
+
+    data = tmp_path / "train.parquet"
+    _collect_frame().to_parquet(data)
+    out = tmp_path / "pool.parquet"
+    base = ["--model", str(tmp_path), "--data", str(data), "--out", str(out), "--n", "4"]
+    questions, _ = load_questions(pd.read_parquet(data))
+    _open_parts(build_parser().parse_args(base), questions)  # what a started collection leaves behind
+    assert (parts_dir(out) / "settings.json").exists()
+    for extra, shown in ((["--temperature", "1.0"], "temperature: 0.7 -> 1.0"), (["--n", "8"], "n: 4 -> 8"),
+                         (["--limit", "3"], "questions: 7 -> 3")):
+        assert main(base + extra) == 2  # refused before any model is loaded
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[0].startswith("rlep_collect: ") and "duplicate rows dropped" in err[0]
+        assert len(err) == 2 and err[1].startswith(f"rlep_collect: error: {parts_dir(out)} holds a collection with "
+                                                   "other settings")
+        assert shown in err[1] and "delete" in err[1]

@@ -4,6 +4,7 @@ Usage::
 
     python -m dyjr_verl.data.math INPUT (or --input INPUT) --output OUT.parquet [--data-source NAME] [--split test]
         [--limit N] [--seed S] [--problem-key K] [--answer-key K] [--hf-config C] [--instruction TEXT]
+        [--keep-duplicates]
 
 ``INPUT`` is a local ``.jsonl``/``.json``/``.parquet`` file (e.g. ``shared/data/math/math500.jsonl``) or a
 Hugging Face hub dataset name (``HuggingFaceH4/MATH-500``; needs network access). The prompt is the
@@ -11,18 +12,29 @@ problem followed by :data:`MATH_INSTRUCTION`, which asks for the ``\\boxed{}`` a
 :mod:`dyjr_verl.rewards.math` extracts. The ground truth is the ``answer`` field; if a source has only a
 worked ``solution`` its last ``\\boxed{}`` is used, and GSM8K-style ``... #### 42`` answers keep the part
 after ``####``. ``data_source`` defaults to the file stem (``math500``, ``aime24``...).
+
+verl-format inputs such as DAPO-Math-17k are recognised by their values, no option needed: a ``prompt``
+that is a chat-message list (one ``user`` message) gives its text as the problem, the answer is
+``reward_model.ground_truth`` (dotted keys reach into dict columns, e.g. ``--answer-key
+reward_model.ground_truth``), and the row's own ``data_source`` is kept. Such a prompt already carries
+its answer-format instruction (DAPO: a final ``Answer: ...`` line, which the reward also reads), so
+nothing is appended unless ``--instruction`` is given. Repeated prompts (DAPO-Math-17k holds each of its
+17.9k prompts 100 times) are written once, before ``--limit``; ``--keep-duplicates`` keeps them.
+A field that is neither text nor a chat prompt (a dict, a list of messages used as the answer...) is an
+error, never written as its Python repr.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from dyjr_verl.data.schema import (
     add_input_argument,
-    first_key,
+    find_key,
     load_hub_dataset,
     looks_like_hub_name,
     make_row,
@@ -33,12 +45,30 @@ from dyjr_verl.data.schema import (
     write_parquet,
 )
 
-__all__ = ["MATH_INSTRUCTION", "build_prompt", "gold_answer", "convert", "main"]
+__all__ = [
+    "MATH_INSTRUCTION", "Conversion", "MathRecord", "build_prompt", "gold_answer", "problem_text", "convert_record",
+    "convert", "main",
+]
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 PROBLEM_KEYS = ("problem", "question", "prompt", "query")
-ANSWER_KEYS = ("answer", "final_answer", "gt", "ground_truth", "solution")
+ANSWER_KEYS = ("answer", "final_answer", "gt", "ground_truth", "solution", "reward_model.ground_truth")
 _GENERIC_STEMS = {"test", "train", "dev", "validation", "val", "data"}
+
+
+def _plain(x: Any) -> Any:
+    from dyjr_verl.replay.pools import _plain as plain  # numpy arrays from pandas -> lists
+
+    return plain(x)
+
+
+def _describe(value: Any) -> str:
+    """Short description of a rejected value for an error line."""
+    if isinstance(value, Mapping):
+        return f"a dict with keys {', '.join(map(str, value)) or 'none'}"
+    if isinstance(value, list):
+        return f"a list of {len(value)} {'dicts' if value and isinstance(value[0], Mapping) else 'items'}"
+    return f"a {type(value).__name__}"
 
 
 def build_prompt(problem: str, instruction: str = MATH_INSTRUCTION) -> str:
@@ -47,16 +77,48 @@ def build_prompt(problem: str, instruction: str = MATH_INSTRUCTION) -> str:
     return f"{problem}\n\n{instruction}" if instruction else problem
 
 
-def gold_answer(raw: Any, where: str) -> str:
+def problem_text(raw: Any, where: str, key: str) -> tuple[str, bool]:
+    """``(text, is_chat)``: a plain string, or the user text of a one-user-message chat prompt."""
+    raw = _plain(raw)
+    if isinstance(raw, str):
+        if re.match(r"""\s*\[\s*\{\s*['"]role['"]""", raw):  # a message list saved as its repr/JSON text
+            raise ValueError(f"{where}: problem field {key!r} is the text of a chat-message list ({raw[:40]!r}...); "
+                             "store the list itself, not its string form")
+        return raw, False
+    if isinstance(raw, list) and raw and all(isinstance(m, Mapping) and "content" in m for m in raw):
+        roles = [str(m.get("role", "")) for m in raw]
+        if roles != ["user"]:
+            # a system prompt or earlier turns would be dropped silently: refuse instead
+            raise ValueError(f"{where}: field {key!r} is a chat prompt with roles {roles}; only one user message "
+                             "is supported")
+        content = raw[0]["content"]
+        if not isinstance(content, str):
+            raise ValueError(f"{where}: field {key!r} has a user message whose content is {_describe(content)}, "
+                             "not text")
+        return content, True
+    raise ValueError(f"{where}: problem field {key!r} is {_describe(raw)}, not text or a chat-message list "
+                     "(choose another with --problem-key)")
+
+
+def gold_answer(raw: Any, where: str, key: str = "answer") -> str:
     """Bare gold answer from an ``answer``/``solution`` field (unwraps ``\\boxed{}`` and ``#### x``)."""
     from dyjr_verl.rewards.math import extract_boxed
 
-    if isinstance(raw, (list, tuple)):
+    raw = _plain(raw)
+    if isinstance(raw, Mapping):
+        hint = f"; use --answer-key {key}.ground_truth" if "ground_truth" in raw else " (choose another with --answer-key)"
+        raise ValueError(f"{where}: answer field {key!r} is {_describe(raw)}, not an answer{hint}")
+    if isinstance(raw, list):
         if not raw:
             raise ValueError(f"{where}: empty answer list")
+        if not all(isinstance(a, (str, int, float)) for a in raw):
+            raise ValueError(f"{where}: answer field {key!r} is {_describe(raw)}, not an answer "
+                             "(choose another with --answer-key)")
         raw = raw[0]
     if isinstance(raw, float) and raw.is_integer():
         raw = int(raw)
+    if not isinstance(raw, (str, int, float)):
+        raise ValueError(f"{where}: answer field {key!r} is {_describe(raw)}, not an answer")
     s = str(raw).strip()
     if "\\boxed" in s or "\\fbox" in s:
         boxed = extract_boxed(s)
@@ -81,42 +143,103 @@ def default_data_source(source: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", stem).strip("_") or "math"
 
 
+class MathRecord(NamedTuple):
+    """One source record, converted: what goes into the verl row."""
+
+    problem: str
+    answer: str
+    prompt: str
+    data_source: str
+
+
+def convert_record(
+    rec: Mapping[str, Any],
+    where: str,
+    *,
+    data_source: str | None,
+    default_source: str,
+    problem_key: str | None = None,
+    answer_key: str | None = None,
+    instruction: str | None = None,
+) -> MathRecord:
+    """Problem, gold answer, prompt text and data source of one record.
+
+    ``data_source``: forced name, else the record's own ``data_source`` (verl-format inputs), else
+    ``default_source``. ``instruction=None``: :data:`MATH_INSTRUCTION` after a plain problem, nothing
+    after a chat prompt (it carries its own instruction).
+    """
+    pkey, raw_problem = find_key(dict(rec), (problem_key,) if problem_key else PROBLEM_KEYS, "problem", where)
+    akey, raw_answer = find_key(dict(rec), (answer_key,) if answer_key else ANSWER_KEYS, "answer", where)
+    problem, is_chat = problem_text(raw_problem, where, pkey)
+    answer = gold_answer(raw_answer, where, akey)
+    if instruction is None:
+        instruction = "" if is_chat else MATH_INSTRUCTION
+    own = rec.get("data_source")
+    source = data_source or (own if isinstance(own, str) and own.strip() else default_source)
+    return MathRecord(problem.strip(), answer, build_prompt(problem, instruction), source)
+
+
+class Conversion(NamedTuple):
+    """verl rows, and how many records were left out as repeats of an earlier prompt (``conflicts``:
+    repeats whose answer differed from the kept one)."""
+
+    rows: list[dict[str, Any]]
+    duplicates: int
+    conflicts: int
+
+
 def convert(
     records: Sequence[dict[str, Any]],
     *,
-    data_source: str,
+    data_source: str | None = None,
+    default_source: str = "math",
     split: str,
     limit: int | None = None,
     seed: int | None = None,
     problem_key: str | None = None,
     answer_key: str | None = None,
-    instruction: str = MATH_INSTRUCTION,
-) -> list[dict[str, Any]]:
-    """verl rows for math records (``extra_info``: split, index, id, question, answer, source_index)."""
-    pkeys = (problem_key,) if problem_key else PROBLEM_KEYS
-    akeys = (answer_key,) if answer_key else ANSWER_KEYS
-    rows = []
-    for out_idx, (src_idx, rec) in enumerate(select_records(records, limit, seed)):
+    instruction: str | None = None,
+    dedup: bool = True,
+) -> Conversion:
+    """verl rows for math records (``extra_info``: split, index, id, question, answer, source_index).
+
+    With ``dedup`` a record whose (data source, prompt) was already written is skipped; ``limit``
+    counts the rows written, so it gives that many distinct prompts."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"--limit must be >= 0, got {limit}")
+    rows: list[dict[str, Any]] = []
+    seen: dict[tuple[str, str], str] = {}
+    duplicates = conflicts = 0
+    for src_idx, rec in select_records(records, None, seed):
+        if limit is not None and len(rows) >= limit:
+            break
         where = f"record {src_idx}"
-        problem = str(first_key(rec, pkeys, "problem", where))
-        answer = gold_answer(first_key(rec, akeys, "answer", where), where)
+        m = convert_record(rec, where, data_source=data_source, default_source=default_source,
+                           problem_key=problem_key, answer_key=answer_key, instruction=instruction)
+        if dedup:
+            key = (m.data_source, m.prompt)
+            if key in seen:
+                duplicates += 1
+                conflicts += seen[key] != m.answer
+                continue
+            seen[key] = m.answer
         rows.append(
             make_row(
-                data_source=data_source,
-                prompt=build_prompt(problem, instruction),
+                data_source=m.data_source,
+                prompt=m.prompt,
                 ability="math",
-                ground_truth=answer,
+                ground_truth=m.answer,
                 split=split,
-                index=out_idx,
+                index=len(rows),
                 extra={
                     "id": str(rec.get("id", rec.get("unique_id", src_idx))),
-                    "question": problem,
-                    "answer": answer,
+                    "question": m.problem,
+                    "answer": m.answer,
                     "source_index": int(src_idx),
                 },
             )
         )
-    return rows
+    return Conversion(rows, duplicates, conflicts)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -127,10 +250,14 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--split", default="test", help="split label stored in extra_info; hub split to load")
     ap.add_argument("--limit", type=int, help="keep at most this many rows (after shuffling, if --seed)")
     ap.add_argument("--seed", type=int, help="shuffle the rows with this seed before --limit")
-    ap.add_argument("--problem-key", help=f"problem field (default: first of {', '.join(PROBLEM_KEYS)})")
-    ap.add_argument("--answer-key", help=f"answer field (default: first of {', '.join(ANSWER_KEYS)})")
+    ap.add_argument("--problem-key", help=f"problem field: text or a chat-message list (default: first of "
+                                          f"{', '.join(PROBLEM_KEYS)})")
+    ap.add_argument("--answer-key", help=f"answer field, dotted for dict columns (default: first of {', '.join(ANSWER_KEYS)})")
     ap.add_argument("--hf-config", help="hub dataset configuration name")
-    ap.add_argument("--instruction", default=MATH_INSTRUCTION, help="text appended to each problem")
+    ap.add_argument("--instruction", default=None,
+                    help="text appended to each problem (default: the \\boxed{} instruction after a plain problem, "
+                         "nothing after a chat-message prompt, which carries its own)")
+    ap.add_argument("--keep-duplicates", action="store_true", help="keep repeated prompts (default: write each once)")
     return ap
 
 
@@ -145,18 +272,23 @@ def _main(argv: list[str] | None) -> int:
         raise ValueError(f"input not found: {args.input} (not a file, nor an owner/name hub dataset)")
     if not records:
         raise ValueError(f"{args.input}: no records")
-    rows = convert(
+    conv = convert(
         records,
-        data_source=args.data_source or default_data_source(args.input),
+        data_source=args.data_source,
+        default_source=default_data_source(args.input),
         split=args.split,
         limit=args.limit,
         seed=args.seed,
         problem_key=args.problem_key,
         answer_key=args.answer_key,
         instruction=args.instruction,
+        dedup=not args.keep_duplicates,
     )
-    out = write_parquet(rows, args.output)
-    print(f"wrote {len(rows)} rows to {out}")
+    if not args.keep_duplicates:
+        conflict = f" ({conv.conflicts} of them with a different answer; the first answer was kept)" if conv.conflicts else ""
+        print(f"dropped {conv.duplicates} duplicate rows (same data_source and prompt as an earlier row){conflict}")
+    out = write_parquet(conv.rows, args.output)
+    print(f"wrote {len(conv.rows)} rows to {out}")
     return 0
 
 

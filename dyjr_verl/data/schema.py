@@ -25,6 +25,8 @@ __all__ = [
     "load_hub_dataset",
     "select_records",
     "first_key",
+    "find_key",
+    "get_path",
     "add_input_argument",
     "resolve_input",
     "run_cli",
@@ -150,14 +152,29 @@ def select_records(records: Sequence[dict[str, Any]], limit: int | None, seed: i
     return pairs
 
 
-def first_key(record: dict[str, Any], keys: Iterable[str], what: str, where: str) -> Any:
-    """Value of the first present, non-empty key; a precise error naming the candidates otherwise."""
+def get_path(record: Any, key: str) -> Any:
+    """``record[key]``, where a dotted key (``reward_model.ground_truth``) walks nested dicts; None if absent."""
+    value = record
+    for part in key.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def find_key(record: dict[str, Any], keys: Iterable[str], what: str, where: str) -> tuple[str, Any]:
+    """``(key, value)`` of the first present, non-empty (possibly dotted) key; a precise error otherwise."""
     keys = list(keys)
     for k in keys:
-        v = record.get(k)
+        v = get_path(record, k)
         if v is not None and not (isinstance(v, str) and not v.strip()):
-            return v
+            return k, v
     raise ValueError(f"{where}: no {what} field (looked for {', '.join(keys)}; found {', '.join(sorted(record)) or 'none'})")
+
+
+def first_key(record: dict[str, Any], keys: Iterable[str], what: str, where: str) -> Any:
+    """Value of the first present, non-empty key (see :func:`find_key`)."""
+    return find_key(record, keys, what, where)[1]
 
 
 def add_input_argument(ap: Any, help_text: str) -> None:
