@@ -164,3 +164,23 @@ def test_a_stringified_message_list_is_refused(tmp_path: Path, capsys: pytest.Ca
     src.write_text(json.dumps({"prompt": str([{"role": "user", "content": "1+1?"}]), "answer": "2"}) + "\n")
     err = _cli_error([str(src), "-o", str(tmp_path / "x.parquet")], capsys)
     assert "record 0: problem field 'prompt' is the text of a chat-message list" in err
+
+
+def test_lists_of_reference_answers_are_kept_whole(tmp_path):
+    """Several reference answers: every one stays a gold (the reward accepts any), not just the first."""
+    import pandas as pd
+
+    from dyjr_verl.rewards.math import compute_score
+
+    src = tmp_path / "multi.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in [
+        {"problem": "Name a root of x^2 = 4.", "answer": ["2", "-2"]},
+        {"problem": "What is 1 + 1?", "answer": "2"},
+    ]) + "\n")
+    out = tmp_path / "multi.parquet"
+    assert dm.main(["--input", str(src), "--output", str(out), "--split", "test"]) == 0
+    df = pd.read_parquet(out)
+    golds = [list(g) for g in df["reward_model"].map(lambda r: r["ground_truth"])]
+    assert golds == [["2", "-2"], ["2"]]
+    score = compute_score(df["data_source"][0], "So x = \\boxed{-2}.", df["reward_model"][0]["ground_truth"])
+    assert (score["score"] if isinstance(score, dict) else score) == 1.0

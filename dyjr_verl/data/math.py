@@ -100,11 +100,18 @@ def problem_text(raw: Any, where: str, key: str) -> tuple[str, bool]:
                      "(choose another with --problem-key)")
 
 
-def gold_answer(raw: Any, where: str, key: str = "answer") -> str:
-    """Bare gold answer from an ``answer``/``solution`` field (unwraps ``\\boxed{}`` and ``#### x``)."""
+def gold_answer(raw: Any, where: str, key: str = "answer") -> str | list[str]:
+    """Bare gold answer from an ``answer``/``solution`` field (unwraps ``\\boxed{}`` and ``#### x``);
+    a list of reference answers stays a list (each unwrapped; the math reward accepts any of them)."""
+    raw = _plain(raw)
+    if isinstance(raw, list) and len(raw) > 1 and all(isinstance(a, (str, int, float)) for a in raw):
+        return [_one_gold(a, f"{where} answer {i}", key) for i, a in enumerate(raw)]
+    return _one_gold(raw, where, key)
+
+
+def _one_gold(raw: Any, where: str, key: str) -> str:
     from dyjr_verl.rewards.math import extract_boxed
 
-    raw = _plain(raw)
     if isinstance(raw, Mapping):
         hint = f"; use --answer-key {key}.ground_truth" if "ground_truth" in raw else " (choose another with --answer-key)"
         raise ValueError(f"{where}: answer field {key!r} is {_describe(raw)}, not an answer{hint}")
@@ -147,7 +154,7 @@ class MathRecord(NamedTuple):
     """One source record, converted: what goes into the verl row."""
 
     problem: str
-    answer: str
+    answer: str | list[str]
     prompt: str
     data_source: str
 
@@ -208,7 +215,7 @@ def convert(
     if limit is not None and limit < 0:
         raise ValueError(f"--limit must be >= 0, got {limit}")
     rows: list[dict[str, Any]] = []
-    seen: dict[tuple[str, str], str] = {}
+    seen: dict[tuple[str, str], Any] = {}
     duplicates = conflicts = 0
     for src_idx, rec in select_records(records, None, seed):
         if limit is not None and len(rows) >= limit:
@@ -239,6 +246,13 @@ def convert(
                 },
             )
         )
+    if any(isinstance(r["reward_model"]["ground_truth"], list) for r in rows):
+        # one parquet column type: when some question has several reference answers, every row's
+        # ground truth is a list (the reward takes a string or a list alike)
+        for r in rows:
+            for holder, key in ((r["reward_model"], "ground_truth"), (r["extra_info"], "answer")):
+                if not isinstance(holder[key], list):
+                    holder[key] = [holder[key]]
     return Conversion(rows, duplicates, conflicts)
 
 

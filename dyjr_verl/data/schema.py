@@ -40,7 +40,7 @@ def make_row(
     data_source: str,
     prompt: str,
     ability: str,
-    ground_truth: str,
+    ground_truth: str | list[str],
     split: str,
     index: int,
     extra: dict[str, Any] | None = None,
@@ -48,7 +48,8 @@ def make_row(
     """One verl row; ``extra`` is merged into ``extra_info`` after ``split`` and ``index``."""
     if not prompt or not prompt.strip():
         raise ValueError(f"row {index}: empty prompt")
-    if ground_truth is None or not str(ground_truth).strip():
+    golds = ground_truth if isinstance(ground_truth, list) else [ground_truth]
+    if not golds or any(g is None or not str(g).strip() for g in golds):
         raise ValueError(f"row {index}: empty ground truth")
     info: dict[str, Any] = {"split": split, "index": int(index)}
     info.update(extra or {})
@@ -56,7 +57,9 @@ def make_row(
         "data_source": data_source,
         "prompt": [{"role": "user", "content": prompt}],
         "ability": ability,
-        "reward_model": {"style": "rule", "ground_truth": str(ground_truth)},
+        # several reference answers stay a list (any of them is correct), one is a string
+        "reward_model": {"style": "rule", "ground_truth": [str(g) for g in golds] if isinstance(ground_truth, list)
+                         else str(ground_truth)},
         "extra_info": info,
     }
 
