@@ -11,10 +11,12 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from dyjr_verl.plan import build_plan, compose
+from dyjr_verl.plan import main as plan_main
 from dyjr_verl.recipes import recipe_names, recipes_dir
 from dyjr_verl.replay.placement import UpdateShape, place_replay_rows, plan_minibatches
 
@@ -112,15 +114,17 @@ def test_doctor_fails_without_recipes(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_plan_every_recipe_at_cluster_shapes(shape, fake_inputs, monkeypatch):
+def test_plan_every_recipe_at_cluster_shapes(shape, fake_inputs, monkeypatch, capsys):
+    """``plan --json`` (the CLI's own entry, in-process) on every recipe; the same object as build_plan."""
     monkeypatch.setenv("DYJR_ASSETS_DIR", fake_inputs["root"])
     for name in recipe_names():
         overrides = _recipe_overrides(name, fake_inputs) + SHAPES[shape]
         if name.endswith("_cpu") and shape != "recipe_default":
             overrides += ["data.max_prompt_length=128", "data.max_response_length=64"]
         cfg = compose(name, overrides)
-        plan = build_plan(cfg)
-        assert plan.errors == [], (name, shape, plan.errors)
+        assert plan_main(["--config-name", name, "--json", *overrides]) == 0, (name, shape, capsys.readouterr())
+        plan = SimpleNamespace(**json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+        assert plan.errors == [] and plan == SimpleNamespace(**build_plan(cfg).to_dict()), (name, shape, plan.errors)
         assert plan.fresh_rows_per_step > 0 and plan.optimizer_steps_per_step >= 1, (name, plan)
         if plan.method in REPLAY_METHODS:
             assert plan.replay_rows_per_step > 0 and plan.replay_rows_per_minibatch > 0, (name, shape, plan)
