@@ -1,5 +1,6 @@
 """Helpers for the end-to-end tests: run verl's own trainer (``python -m verl.trainer.main_ppo``)
-on the tiny CPU recipes in a subprocess, with a deadline, and read its per-step metrics."""
+on the tiny CPU recipes in a subprocess, with a deadline, and read its per-step metrics from verl's
+file logger (``<workdir>/metrics.jsonl``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from dyjr_verl.analysis.steps import parse_log
+from dyjr_verl.analysis.steps import FILE_LOGGER_ENV, file_logger_env, read_steps
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES = REPO_ROOT / "dyjr_verl" / "recipes"
@@ -19,9 +20,10 @@ RUN_DEADLINE_S = 900  # a tiny run takes 2-4 minutes on 2 cores; anything past t
 @dataclass
 class Run:
     returncode: int
-    log: str
+    log: str  # console output
     log_path: Path
-    steps: dict[int, dict[str, float]]
+    metrics_path: Path  # the file logger's JSON lines
+    steps: dict[int, dict[str, float]]  # read from metrics_path ({} when the trainer wrote none)
 
     def tail(self, n: int = 6000) -> str:
         return self.log[-n:]
@@ -30,7 +32,8 @@ class Run:
 def run_main_ppo(recipe: str, assets: Path, workdir: Path, *overrides: str, deadline_s: int = RUN_DEADLINE_S) -> Run:
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "main_ppo.log"
-    env = {**os.environ, "DYJR_ASSETS_DIR": str(assets), "RAY_DEDUP_LOGS": "0", "HYDRA_FULL_ERROR": "1"}
+    env = {**os.environ, "DYJR_ASSETS_DIR": str(assets), "RAY_DEDUP_LOGS": "0", "HYDRA_FULL_ERROR": "1",
+           **file_logger_env(workdir)}
     cmd = [
         sys.executable, "-m", "verl.trainer.main_ppo",
         "--config-path", str(RECIPES), "--config-name", recipe,
@@ -45,5 +48,8 @@ def run_main_ppo(recipe: str, assets: Path, workdir: Path, *overrides: str, dead
             rc = -9
     # Ray leaves its local cluster behind when the driver is killed; stop it so runs don't pile up.
     subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True, timeout=120)
-    text = log_path.read_text(errors="replace")
-    return Run(rc, text, log_path, parse_log(text.splitlines()))
+    metrics = Path(env[FILE_LOGGER_ENV])  # <workdir>/metrics.jsonl, resolved
+    # a run that failed before its first step has no metrics file: its steps are empty, and the
+    # tests' step assertions show the console tail
+    steps = read_steps(metrics) if metrics.is_file() else {}
+    return Run(rc, log_path.read_text(errors="replace"), log_path, metrics, steps)

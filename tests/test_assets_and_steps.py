@@ -1,12 +1,20 @@
-"""Embedded assets are deterministic and in verl's schema; the step-log parser reads verl's console."""
+"""Embedded assets are deterministic and in verl's schema; per-step metrics are read from verl's
+file logger (JSON lines) and, for old logs, from its console text."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import math
+from pathlib import Path
+from unittest import mock
 
+import numpy as np
 import pandas as pd
+import pytest
 
-from dyjr_verl.analysis.steps import parse_log, table
+from dyjr_verl.analysis import steps as steps_mod
+from dyjr_verl.analysis.steps import StepsError, parse_log, read_steps, table
 from dyjr_verl.assets import tasks
 from dyjr_verl.assets.build import AssetSpec, build
 from dyjr_verl.rewards.math import compute_score
@@ -60,6 +68,56 @@ def test_arithmetic_answers_are_right():
         assert eval(p.solution.split(".")[-2].split("=")[0]) == p.answer  # last step computes the answer
 
 
+# -- verl's file logger (JSON lines) and the console fallback ---------------------------------------
+
+# what a trainer step logs: floats, numpy scalars, ints, a NaN, and values that are no metric
+LOGGED = {
+    1: {"actor/pg_loss": -0.5, "critic/score/mean": np.float64(0.25), "response_length/mean": np.float32(12.5),
+        "training/global_step": 1, "actor/grad_norm": float("nan"), "note": "abc", "hist": [1, 2], "flag": True},
+    2: {"actor/pg_loss": 0.1, "critic/score/mean": 0.5, "timing_s/step": 3.25},
+}
+VAL_AT_2 = {"val-core/x/acc/mean@1": np.float64(0.75)}  # verl logs validation in a second call of the step
+WANT = {
+    1: {"actor/pg_loss": -0.5, "critic/score/mean": 0.25, "response_length/mean": 12.5, "training/global_step": 1.0,
+        "actor/grad_norm": math.nan},
+    2: {"actor/pg_loss": 0.1, "critic/score/mean": 0.5, "timing_s/step": 3.25, "val-core/x/acc/mean@1": 0.75},
+}
+
+
+def _calls():
+    return [(1, LOGGED[1]), (2, LOGGED[2]), (2, VAL_AT_2)]
+
+
+def _verl_file_log(path: Path) -> Path:
+    """The lines verl's ``file`` backend writes (verl.utils.tracking.FileLogger, its path from the env)."""
+    from verl.utils.tracking import FileLogger
+
+    with mock.patch.dict("os.environ", {"VERL_FILE_LOGGER_PATH": str(path)}):
+        logger = FileLogger("dyjr_verl", "test")
+    for step, data in _calls():
+        logger.log(data, step=step)
+    logger.finish()
+    return path
+
+
+def _verl_console_log(path: Path) -> Path:
+    """The same calls through verl's ``console`` backend, as a Ray actor's output reaches the log."""
+    from verl.utils.logger.aggregate_logger import concat_dict_to_str
+
+    lines = ["ray init kwargs: {...}"]
+    lines += [f"\x1b[36m(TaskRunner pid=7)\x1b[0m {concat_dict_to_str(data, step=step)}" for step, data in _calls()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _same(got, want):
+    assert sorted(got) == sorted(want)
+    for step in want:
+        assert sorted(got[step]) == sorted(want[step]), step
+        for k, v in want[step].items():
+            assert (math.isnan(got[step][k]) and math.isnan(v)) or got[step][k] == pytest.approx(v), (step, k)
+
+
 def test_step_parser_reads_verl_console_lines():
     log = [
         "\x1b[36m(TaskRunnerV1 pid=1)\x1b[0m step:1 - actor/pg_loss:-0.5 - critic/score/mean:0.25 - note:abc",
@@ -72,3 +130,69 @@ def test_step_parser_reads_verl_console_lines():
         2: {"actor/pg_loss": 0.1, "critic/score/mean": 0.5, "val-core/x/acc/mean@1": 0.75},
     }
     assert "| 2 | 0.5 | 0.1 |" in table(steps, ["critic/score/mean", "actor/pg_loss"])
+
+
+def test_file_logger_json_lines_are_read_and_agree_with_the_console(tmp_path):
+    metrics = _verl_file_log(tmp_path / "metrics.jsonl")
+    assert metrics.read_text().startswith('{"step":1,"data":{')  # verl's format, one record per log call
+    _same(read_steps(metrics), WANT)
+    console = read_steps(_verl_console_log(tmp_path / "main_ppo.log"))  # told apart by content
+    _same(console, WANT)
+    for plain in (metrics, tmp_path / "main_ppo.log"):  # gzipped (the experiment launcher keeps them so)
+        gz = plain.with_name(plain.name + ".gz")
+        gz.write_bytes(gzip.compress(plain.read_bytes()))
+        _same(read_steps(gz), WANT)
+
+
+def test_bad_json_lines_are_one_error_naming_file_and_line(tmp_path, capsys):
+    bad = _verl_file_log(tmp_path / "metrics.jsonl")
+    with bad.open("a") as f:
+        f.write('{"step":3,"data":{"actor/pg_loss":0.')  # a run killed mid-write
+    with pytest.raises(StepsError, match=r"metrics\.jsonl:4: not a JSON line"):
+        read_steps(bad)
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text('{"step":1,"data":{"a":1}}\n\n[1, 2]\n')
+    with pytest.raises(StepsError, match=r"odd\.jsonl:3: not a file-logger record"):
+        read_steps(odd)
+    with pytest.raises(StepsError, match="no such file"):
+        read_steps(tmp_path / "missing.jsonl")
+    assert steps_mod.main([str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "metrics.jsonl:4" in err
+
+
+def test_steps_cli_prints_the_table_of_a_finished_run(tmp_path, capsys):
+    metrics = _verl_file_log(tmp_path / "metrics.jsonl")
+    assert steps_mod.main([str(metrics), "--keys", "critic/score/mean", "timing_s/step"]) == 0
+    out = capsys.readouterr().out
+    assert "| step | critic/score/mean | timing_s/step |" in out and "| 2 | 0.5 | 3.25 |" in out
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert steps_mod.main([str(empty)]) == 1
+
+
+@pytest.mark.parametrize("recipe", ["grpo_tiny_cpu", "dyjr_sql_tiny_cpu", "grpo_math", "dyjr_sql", "dapo_phase1_math",
+                                    "dyjr_math_megatron"])
+def test_recipes_log_console_and_file_with_wandb_opt_in(recipe, tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from dyjr_verl.recipes import recipes_dir
+
+    monkeypatch.setenv("DYJR_ASSETS_DIR", str(tmp_path))
+    data = ["data.train_files=/x/t.parquet", "data.val_files=/x/v.parquet"]
+    with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
+        assert list(compose(config_name=recipe, overrides=data).trainer.logger) == ["console", "file"]
+        opt_in = compose(config_name=recipe, overrides=[*data, "trainer.logger=[console,file,wandb]"])
+        assert list(opt_in.trainer.logger) == ["console", "file", "wandb"]
+
+
+@pytest.mark.e2e
+def test_a_real_run_writes_json_lines_that_match_its_console(tiny_assets, tmp_path):
+    from e2e_utils import run_main_ppo
+
+    run = run_main_ppo("grpo_tiny_cpu", tiny_assets, tmp_path, "trainer.total_training_steps=2")
+    assert run.returncode == 0, run.tail()
+    assert run.metrics_path == (tmp_path / "metrics.jsonl").resolve() and run.metrics_path.is_file(), run.tail()
+    assert f"Creating file logger at {run.metrics_path}" in run.log
+    assert sorted(run.steps) == [1, 2] and "critic/score/mean" in run.steps[2]
+    _same(run.steps, parse_log(run.log.splitlines()))  # the same numbers as the console fallback

@@ -228,12 +228,28 @@ def test_cli_rejects_bad_input_with_one_line(capsys):
 # ----------------------------------------------------------------------------------------------
 
 
+def _file_log(path: Path, per_step: list[dict]) -> None:
+    """Per-step metrics written by verl's own file logger (the trainer's ``file`` backend)."""
+    from unittest import mock
+
+    from verl.utils.tracking import FileLogger
+
+    with mock.patch.dict("os.environ", {"VERL_FILE_LOGGER_PATH": str(path)}):
+        logger = FileLogger("dyjr_verl", "fake")
+    for step, metrics in enumerate(per_step, 1):
+        logger.log(metrics, step=step)
+    logger.finish()
+
+
 class FakeProcesses:
-    """Stands in for run_logged: writes what the trainer / eval / collection would write."""
+    """Stands in for run_logged: writes what the trainer / eval / collection would write. The
+    trainer's metrics go to its file logger's JSON lines (``console=True``: to the console only, as
+    a trainer without the ``file`` backend; ``truncate``: the JSON lines end mid-record)."""
 
     def __init__(self, fail_train_for: str | None = None):
         self.calls: list[str] = []
         self.fail_train_for = fail_train_for
+        self.console = self.truncate = False
 
     def __call__(self, cmd, log_path, *, cwd, env, deadline_s):
         assert deadline_s > 0 and env["DYJR_ASSETS_DIR"]
@@ -244,9 +260,19 @@ class FakeProcesses:
             if label == self.fail_train_for:
                 return ProcResult(1, 5.0, None, False)
             steps = int(next(o for o in cmd if o.startswith("trainer.total_training_steps=")).split("=")[1])
-            lines = [f"(TaskRunner pid=1) step:{s} - critic/score/mean:{0.1 * s} - timing_s/step:{20.0 if s == 1 else 3.0}"
-                     f" - rank_k/p1:{0.9 - 0.01 * s} - noise/key:1" for s in range(1, steps + 1)]
-            log_path.write_text("\n".join(lines) + "\n")
+            per_step = [{"critic/score/mean": 0.1 * s, "timing_s/step": 20.0 if s == 1 else 3.0,
+                         "rank_k/p1": 0.9 - 0.01 * s, "noise/key": 1} for s in range(1, steps + 1)]
+            metrics = Path(env["VERL_FILE_LOGGER_PATH"])
+            assert metrics == cwd / "metrics.jsonl"  # in the run directory, beside main_ppo.log
+            if self.console:
+                lines = [f"(TaskRunner pid=1) step:{s} - " + " - ".join(f"{k}:{v}" for k, v in m.items())
+                         for s, m in enumerate(per_step, 1)]
+                log_path.write_text("start-up noise\n" + "\n".join(lines) + "\n")
+            else:
+                _file_log(metrics, per_step)
+                if self.truncate:
+                    with metrics.open("a") as f:
+                        f.write('{"step":5,"data":{"critic/sc')
             ckpt = Path(next(o for o in cmd if o.startswith("trainer.default_local_dir=")).split("=")[1])
             (ckpt / f"global_step_{steps}" / "actor" / "huggingface").mkdir(parents=True)
             return ProcResult(0, 100.0 + 3 * steps, 80.0, False)
@@ -295,8 +321,10 @@ def test_launcher_skips_finished_runs_and_redoes_partial_ones(tmp_path, fake_env
     run_dir = out / "rlep" / "seed1"
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "rlep_pool.parquet").exists()
     assert not (run_dir / "eval" / "generations.jsonl").exists()
-    with gzip.open(run_dir / "main_ppo.log.gz", "rt") as f:
-        assert "step:4" in f.read()
+    assert rec["steps_source"] == "metrics.jsonl" and sorted(rec["steps"]) == ["1", "2", "3", "4"]
+    with gzip.open(run_dir / "metrics.jsonl.gz", "rt") as f:
+        assert '"step":4' in f.read()
+    assert (run_dir / "main_ppo.log.gz").is_file()
 
     # second launch: everything finished, nothing runs
     fake_env.calls.clear()
@@ -327,6 +355,29 @@ def test_a_failed_run_is_recorded_and_retried(tmp_path, fake_env):
     fake_env.fail_train_for = None
     fake_env.calls.clear()
     assert mini.launch(exp, progress=lambda s: None) == 0 and fake_env.calls == ["train:mini_dyjr_seed0", "eval"]
+
+
+def test_without_the_file_logger_the_console_log_is_read_with_a_warning(tmp_path, fake_env):
+    fake_env.console = True
+    out, said = tmp_path / "runs", []
+    assert mini.launch(comparison(out, ["grpo"], [0], SharedSettings(steps=3)), progress=said.append) == 0
+    assert any("warning: no metrics.jsonl" in s for s in said), said
+    rec = json.loads((out / "grpo" / "seed0" / "run.json").read_text())
+    assert rec["steps_source"] == "main_ppo.log" and rec["steps"]["3"]["critic/score/mean"] == pytest.approx(0.3)
+
+
+def test_a_truncated_metrics_file_fails_the_run_naming_the_line(tmp_path, fake_env):
+    fake_env.truncate = True
+    out = tmp_path / "runs"
+    assert mini.launch(comparison(out, ["grpo"], [0], SharedSettings(steps=4)), progress=lambda s: None) == 1
+    failed = json.loads((out / "grpo" / "seed0" / "failed.json").read_text())
+    assert failed["stage"] == "main_ppo" and "metrics.jsonl:5: not a JSON line" in failed["error"]
+    assert fake_env.calls == ["train:mini_grpo_seed0"]  # no evaluation of a run whose metrics are unreadable
+
+
+def test_dry_run_shows_where_the_metrics_go(tmp_path, capsys):
+    assert mini.main(["run", "--methods", "grpo", "--seeds", "0", "--out", str(tmp_path), "--dry-run"]) == 0
+    assert f"VERL_FILE_LOGGER_PATH={tmp_path / 'grpo' / 'seed0' / 'metrics.jsonl'} " in capsys.readouterr().out
 
 
 def test_lock_waits_are_bounded(tmp_path):
@@ -367,7 +418,8 @@ def test_steady_steps_and_timing():
 GREEDY = {"grpo": [0.40, 0.44, 0.42], "dyjr": [0.50, 0.46, 0.48], "rlep": [0.41, 0.43, 0.45]}
 
 
-def _write_runs(root: Path, with_rank_k: bool = True, steps: int = 6, kind: str = "comparison"):
+def _write_runs(root: Path, with_rank_k: bool = True, steps: int = 6, kind: str = "comparison",
+                steps_source: str | None = None):
     for method, values in GREEDY.items():
         for seed, g in enumerate(values):
             per_step = {}
@@ -386,6 +438,8 @@ def _write_runs(root: Path, with_rank_k: bool = True, steps: int = 6, kind: str 
                    "timing": {"steady_step_s": 3.0 + seed, "total_wall_s": 300.0, "startup_s": 90.0, "eval_wall_s": 60.0,
                               "collect_s": 50.0 if method == "rlep" else 0.0},
                    "steps": per_step}
+            if steps_source:
+                rec["steps_source"] = steps_source  # absent in records made before the file logger
             d = root / method / f"seed{seed}"
             d.mkdir(parents=True)
             (d / "run.json").write_text(json.dumps(rec))
@@ -407,6 +461,7 @@ def test_report_table_plots_and_comparison(tmp_path):
     assert "+6 pts (3.0× seed std)" in md
     assert "higher than GRPO by more than the larger seed std on greedy %" in md
     assert "## Reading" in md and "held-out" in md.lower()
+    assert "Per-step metrics parsed from verl's console log (records made before the file logger)." in md
     for png in ("accuracy_over_steps.png", "rank1_over_steps.png"):
         p = tmp_path / "out" / png
         assert p.is_file() and p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG"
@@ -415,7 +470,7 @@ def test_report_table_plots_and_comparison(tmp_path):
 
 def test_report_without_rank_k_metrics_and_with_one_seed(tmp_path):
     runs = tmp_path / "runs"
-    _write_runs(runs, with_rank_k=False)
+    _write_runs(runs, with_rank_k=False, steps_source="metrics.jsonl")
     for method in GREEDY:
         for seed in (1, 2):
             (runs / method / f"seed{seed}" / "run.json").unlink()
@@ -428,6 +483,7 @@ def test_report_without_rank_k_metrics_and_with_one_seed(tmp_path):
     assert (out / "accuracy_over_steps.png").stat().st_size > 5000
     assert "| DyJR | 1 | 50.0 |" in md  # one seed: no ± std
     assert "one seed" in md
+    assert "Per-step metrics from verl's file logger (`metrics.jsonl`)." in md
 
 
 def test_report_ablation_section_and_errors(tmp_path, capsys):
@@ -468,6 +524,7 @@ def test_every_override_exists_in_the_composed_recipes(tmp_path, monkeypatch):
                 assert cfg.data.train_files == f"{tmp_path}/{exp.task}/train.parquet"
                 assert cfg.reward.custom_reward_function.path.endswith(exp.task_settings.reward)
                 assert "hf_model" in cfg.actor_rollout_ref.actor.checkpoint.save_contents
+                assert list(cfg.trainer.logger) == ["console", "file"]  # the launcher reads the file logger
                 if run.method == "dyjr":
                     d = DyJRConfig.from_omegaconf(cfg.dyjr, path="dyjr").validate("dyjr")
                     assert d.replay.seed == run.seed

@@ -1,5 +1,6 @@
 """Rank-k diagnostics: metrics against a float64 reference (masking, accumulation, hidden-state
-path, bf16) and the log -> PNG command line on synthetic verl console logs."""
+path, bf16) and the log -> PNG command line on synthetic verl console logs and file-logger JSON
+lines."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from dyjr_verl.analysis.rank_k import RankKAccumulator, find_rank_k_keys, main, rank_k_metrics, rank_k_metrics_from_hidden
-from dyjr_verl.analysis.steps import parse_log
+from dyjr_verl.analysis.steps import parse_log, read_steps
 
 
 # many small block ops: see the one_intra_op_thread fixture in conftest.py
@@ -125,3 +126,63 @@ def test_metrics_round_trip_through_a_console_log(tmp_path):
     steps = parse_log(log.read_text().splitlines())
     assert steps[4]["val/rank_k/p1"] > steps[1]["val/rank_k/p1"]  # sharper logits, larger Rank-1 mass
     assert main([str(log), "--out", str(tmp_path / "rt.png")]) == 0
+
+
+def test_cli_reads_the_file_loggers_json_lines(tmp_path, capsys):
+    """A run's metrics.jsonl, written by verl's own file logger, plots like its console log; a
+    truncated one is one error line."""
+    from unittest import mock
+
+    from verl.utils.tracking import FileLogger
+
+    console = tmp_path / "dyjr.log"
+    _write_log(console, collapse=0.02)
+    metrics = tmp_path / "dyjr" / "metrics.jsonl"
+    metrics.parent.mkdir()
+    with mock.patch.dict("os.environ", {"VERL_FILE_LOGGER_PATH": str(metrics)}):
+        logger = FileLogger("dyjr_verl", "rank_k")
+    for step, m in sorted(parse_log(console.read_text().splitlines()).items()):
+        logger.log(m, step=step)
+    logger.finish()
+    assert read_steps(metrics) == parse_log(console.read_text().splitlines())
+    out = tmp_path / "from_jsonl.png"
+    assert main([str(metrics), str(console), "--labels", "jsonl", "console", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with metrics.open("a") as f:
+        f.write('{"step":13,"da')
+    capsys.readouterr()
+    assert main([str(metrics), "--out", str(tmp_path / "bad.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "metrics.jsonl:13: not a JSON line" in err and not (tmp_path / "bad.png").exists()
+
+
+def test_plot_step_ticks_are_integers(tmp_path, monkeypatch):
+    """A short run (steps 1..3) still gets whole-step ticks, not 1.5 / 2.5 (issue 16, item 5). The
+    real plot is drawn; savefig is only wrapped to keep the figure for inspection."""
+    from matplotlib.figure import Figure
+
+    from dyjr_verl.analysis.rank_k import plot_rank_k
+
+    saved = []
+    real_savefig = Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        saved.append(fig)
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    log = tmp_path / "short.log"
+    _write_log(log, collapse=0.05, steps=3)
+    out = tmp_path / "short.png"
+    plot_rank_k({"short": parse_log(log.read_text().splitlines())}, out)
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    (fig,) = saved
+    drawn = [ax for ax in fig.axes if ax.get_lines()]
+    assert len(drawn) == 9  # Rank-1..8 and the entropy
+    for ax in drawn:
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+        labels = [t.get_text() for t in ax.get_xticklabels() if lo <= t.get_position()[0] <= hi]
+        assert labels and all(lab.lstrip("−-").isdigit() for lab in labels), labels

@@ -9,9 +9,10 @@ logits or from hidden states x LM head.
 
 Metrics (``prefix`` default ``rank_k/``): ``p1`` .. ``p{k}``, ``top{k}_mass`` (their sum),
 ``entropy``, ``tokens`` (positions averaged). Log them from a validation / eval hook (e.g. under
-``val/``); the CLI reads them back from verl console logs::
+``val/``); the CLI reads them back from each run's ``metrics.jsonl`` (verl's file logger; a console
+log of an older run works too, :func:`dyjr_verl.analysis.steps.read_steps`)::
 
-    python -m dyjr_verl.analysis.rank_k runs/grpo.log runs/dyjr.log --out rank_k.png [--labels GRPO DyJR]
+    python -m dyjr_verl.analysis.rank_k grpo/metrics.jsonl dyjr/metrics.jsonl --out rank_k.png [--labels GRPO DyJR]
 
 draws one panel per rank (Rank-1 .. Rank-k) and one for the entropy, one line per run, against the
 training step. Keys are matched as ``<anything>rank_k/p<i>``; with several prefixes in one log
@@ -206,6 +207,7 @@ def plot_rank_k(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     keyed: dict[str, tuple[str, list[int]]] = {}
     problems = []
@@ -239,6 +241,7 @@ def plot_rank_k(
         ax = axes[pidx // ncols][pidx % ncols]
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 1.5 ticks on short runs
         ax.grid(alpha=0.3)
         if logy and name.startswith("Rank-"):
             ax.set_yscale("log")
@@ -259,9 +262,10 @@ def plot_rank_k(
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dyjr_verl.analysis.rank_k",
-        description="Plot Rank-1..k token probabilities and entropy over steps from verl console logs.",
+        description="Plot Rank-1..k token probabilities and entropy over steps from verl runs' metrics.",
     )
-    parser.add_argument("logs", nargs="+", type=Path, help="verl console logs (lines 'step:N - key:value - ...')")
+    parser.add_argument("logs", nargs="+", type=Path,
+                        help="each run's metrics.jsonl (verl's file logger) or, for old runs, its console log")
     parser.add_argument("--out", type=Path, required=True, help="output PNG")
     parser.add_argument("--labels", nargs="+", help="one label per log (default: the file names)")
     parser.add_argument("--prefix", help="metric prefix, e.g. 'val' for val/rank_k/p1 (default: the most complete)")
@@ -270,7 +274,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--logy", action="store_true", help="log scale for the probability panels")
     args = parser.parse_args(argv)
 
-    from dyjr_verl.analysis.steps import parse_log
+    from dyjr_verl.analysis.steps import StepsError, read_steps
 
     if args.labels and len(args.labels) != len(args.logs):
         print(f"error: {len(args.labels)} labels for {len(args.logs)} logs", file=sys.stderr)
@@ -280,11 +284,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         labels = [str(p) for p in args.logs]
     runs = {}
     for label, path in zip(labels, args.logs):
-        if not path.is_file():
-            print(f"error: no such log: {path}", file=sys.stderr)
+        try:
+            runs[label] = read_steps(path)  # JSON lines or console text, told apart by content
+        except StepsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 2
-        with path.open(errors="replace") as fh:
-            runs[label] = parse_log(fh)
     try:
         panels = plot_rank_k(runs, args.out, prefix=args.prefix, ranks=args.ranks, title=args.title, logy=args.logy)
     except KeyError as exc:

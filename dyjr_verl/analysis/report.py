@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dyjr_verl.analysis.steps import METRICS_FILE
 from dyjr_verl.experiments.config import LABELS, METHODS
 from dyjr_verl.experiments.records import load_runs
 
@@ -278,6 +279,17 @@ def _setup_section(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _steps_source(runs: list[dict[str, Any]]) -> str:
+    """Where the records' per-step metrics came from (records without ``steps_source`` predate the file logger)."""
+    n_file = sum(r.get("steps_source") == METRICS_FILE for r in runs)
+    if n_file == len(runs):
+        return f"Per-step metrics from verl's file logger (`{METRICS_FILE}`)."
+    if not n_file:
+        return "Per-step metrics parsed from verl's console log (records made before the file logger)."
+    return (f"Per-step metrics from verl's file logger (`{METRICS_FILE}`) for {n_file} runs, parsed from the "
+            f"console log for {len(runs) - n_file} older runs.")
+
+
 def _ablation_section(runs: list[dict[str, Any]]) -> str:
     groups = group_runs(runs)
     cols = [c for c in COLUMNS if c.title not in ("total wall (s)",)]
@@ -356,7 +368,7 @@ def write_report(runs_dir: Path, out: Path, ablation_dir: Path | None = None, sm
         parts += [(f"_The runs logged no per-step `{RANK1_KEY}` (the trainer's Rank-k probe was off): only the "
                   "evaluation-time Rank-1 probability of the table is available._"), ""]
     parts += [("Mean over seeds, shaded ± one sample std; the training reward is the mean verifier score of the "
-              "step's 32 fresh rollouts (T = 1), not held-out accuracy."), ""]
+              "step's 32 fresh rollouts (T = 1), not held-out accuracy. " + _steps_source(runs)), ""]
     abl = load_runs(ablation_dir) if ablation_dir and ablation_dir.is_dir() else []
     abl = [r for r in abl if r.get("status") == "done"]
     if abl:

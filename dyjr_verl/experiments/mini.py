@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from dyjr_verl.recipes import recipes_dir
+from dyjr_verl.analysis.steps import METRICS_FILE, StepsError, file_logger_env, read_steps
 from dyjr_verl.assets.warmstart import WarmStartSpec
 from dyjr_verl.experiments import commands
 from dyjr_verl.experiments.config import (
@@ -101,6 +102,24 @@ def _stage(cmd: list[str], log: Path, *, cwd: Path, env: dict[str, str], deadlin
     return result
 
 
+def _train_steps(run_dir: Path, result: ProcResult, progress: Callable[[str], None], tag: str):
+    """Per-step metrics of the finished trainer: its file logger's JSON lines, else (a trainer that
+    logged no ``file``) its console log, with a warning. Returns (steps, the file they came from)."""
+    source = run_dir / METRICS_FILE
+    if not source.is_file():
+        progress(f"{tag} warning: no {source.name} (trainer.logger without `file`); per-step metrics from the console log")
+        source = run_dir / "main_ppo.log"
+    try:
+        return read_steps(source), source.name
+    except StepsError as exc:
+        raise StepFailed("main_ppo", result, source, str(exc)) from None
+
+
+def _logs(run_dir: Path) -> tuple[Path, ...]:
+    """Kept gzipped once the run is over."""
+    return (run_dir / "collect.log", run_dir / "main_ppo.log", run_dir / METRICS_FILE, run_dir / "eval" / "eval.log")
+
+
 def _collect_summary(log: Path) -> dict[str, Any]:
     for line in reversed(log.read_text(errors="replace").splitlines()):
         if line.startswith("rlep_collect: {"):
@@ -111,8 +130,6 @@ def _collect_summary(log: Path) -> dict[str, Any]:
 def execute(exp: Experiment, run: RunSpec, *, recipes: Path, warm: dict[str, Any],
             progress: Callable[[str], None] = print) -> str:
     """One run, start to record: ``skipped`` | ``done`` | ``failed``."""
-    from dyjr_verl.analysis.steps import parse_log
-
     run_dir = run.dir(exp.out)
     fingerprint = exp.fingerprint(run)
     state = run_state(run_dir, fingerprint)
@@ -142,10 +159,12 @@ def execute(exp: Experiment, run: RunSpec, *, recipes: Path, warm: dict[str, Any
                 collect = _collect_summary(run_dir / "collect.log")
             progress(f"[{run.label} seed {run.seed}] main_ppo {run.recipe}, {exp.shared.steps} steps")
             try:
-                results["train"] = _stage(train_cmd, run_dir / "main_ppo.log", cwd=run_dir, env=env,
+                results["train"] = _stage(train_cmd, run_dir / "main_ppo.log", cwd=run_dir,
+                                          env={**env, **file_logger_env(run_dir)},
                                           deadline_s=dl.train_s(exp.shared.steps), stage="main_ppo")
             finally:
                 ray_stop(dl.ray_stop_s)  # Ray outlives a killed driver; we still hold the lock
+            steps, steps_source = _train_steps(run_dir, results["train"], progress, f"[{run.label} seed {run.seed}]")
             ckpt = commands.checkpoint_dir(run_dir, exp.shared.steps)
             if not ckpt.is_dir():
                 raise StepFailed("main_ppo", results["train"], run_dir / "main_ppo.log", f"no checkpoint at {ckpt}")
@@ -157,13 +176,12 @@ def execute(exp: Experiment, run: RunSpec, *, recipes: Path, warm: dict[str, Any
             write_json_atomic(run_dir / FAILED_FILE, {"stage": exc.stage, "error": str(exc),
                                                      "returncode": exc.result.returncode if exc.result else None,
                                                      "log_tail": _tail(exc.log)})
-            for log in (run_dir / "collect.log", run_dir / "main_ppo.log", run_dir / "eval" / "eval.log"):
+            for log in _logs(run_dir):
                 gzip_file(log)
             Cleanup(run_dir)()
             progress(f"[{run.label} seed {run.seed}] FAILED: {exc}")
             return "failed"
 
-    steps = parse_log((run_dir / "main_ppo.log").read_text(errors="replace").splitlines())
     t = timing(steps, results["train"].first_step_s)
     t.update({
         "lock_wait_s": round(waited, 1),
@@ -179,11 +197,12 @@ def execute(exp: Experiment, run: RunSpec, *, recipes: Path, warm: dict[str, Any
         "command": [Path(train_cmd[0]).name, *train_cmd[1:]],
         "warmstart": {k: warm[k] for k in ("root", "key", "steps", "val", "test") if k in warm},
         "eval": eval_summary(run_dir / "eval", exp.eval.ks),
-        "collect": collect, "timing": t, "steps_logged": len(steps), "steps": keep_metrics(steps),
+        "collect": collect, "timing": t, "steps_logged": len(steps), "steps_source": steps_source,
+        "steps": keep_metrics(steps),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     Cleanup(run_dir)()
-    for log in (run_dir / "collect.log", run_dir / "main_ppo.log", run_dir / "eval" / "eval.log"):
+    for log in _logs(run_dir):
         gzip_file(log)
     write_json_atomic(run_dir / RUN_FILE, record)  # last: its presence marks the run finished
     e = record["eval"]
@@ -216,7 +235,8 @@ def launch(exp: Experiment, *, redo_stale: bool = False, dry_run: bool = False,
         for r, s in states:
             progress(f"  {r.label}/seed{r.seed}: {s.value}")
             if s is not RunState.DONE:
-                progress("    " + " ".join(commands.trainer_command(exp, r, r.dir(exp.out), recipes)))
+                env = " ".join(f"{k}={v}" for k, v in file_logger_env(r.dir(exp.out)).items())
+                progress(f"    {env} " + " ".join(commands.trainer_command(exp, r, r.dir(exp.out), recipes)))
         return 0
     warm = _warm_start(exp, progress)
     progress(f"warm start {warm['root']}: validation greedy {warm['val']['greedy']:.3f}, "

@@ -3,6 +3,8 @@
 Layout of one run (``<out>/<label>/seed<s>/``)::
 
     run.json            the record; written last and atomically, so its presence marks a finished run
+    metrics.jsonl.gz    verl's file logger: one ``{"step": N, "data": {...}}`` line per step (the source of
+                        run.json's ``steps``; ``VERL_FILE_LOGGER_PATH`` points the trainer here)
     main_ppo.log.gz     verl's console log (compressed once the run is over)
     collect.log.gz      RLEP only: the pool collection's log
     eval/               results.md/csv, scores.jsonl (per-question flags), rank_k.json, eval.log.gz
@@ -30,7 +32,7 @@ from dyjr_verl.eval.metrics import pass_at_k
 RUN_FILE = "run.json"
 FAILED_FILE = "failed.json"
 
-# per-step metrics kept in run.json (the gzipped log keeps everything)
+# per-step metrics kept in run.json (metrics.jsonl.gz keeps everything)
 KEEP_KEYS = (
     "critic/score/mean", "critic/rewards/mean", "actor/entropy", "actor/pg_loss", "actor/grad_norm",
     "response_length/mean", "timing_s/step", "timing_s/gen", "timing_s/update_actor", "timing_s/old_log_prob",
