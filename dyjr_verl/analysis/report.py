@@ -195,6 +195,7 @@ def plot_over_steps(groups: dict[str, list[dict[str, Any]]], panels: Sequence[tu
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     data = {key: {label: series(runs, key, smooth) for label, runs in groups.items()} for key, _ in panels}
     shown = [(k, t) for k, t in panels if any(v is not None for v in data[k].values())]
@@ -215,6 +216,7 @@ def plot_over_steps(groups: dict[str, list[dict[str, Any]]], panels: Sequence[tu
                             alpha=0.18, lw=0)
         ax.set_title(title + (f" ({smooth}-step moving avg)" if smooth > 1 else ""), fontsize=10)
         ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
