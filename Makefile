@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: install demo test test-unit test-e2e doctor assets bench clean mini mini-ablation mini-report mini-sql
+.PHONY: install demo test test-unit test-e2e doctor assets bench clean mini mini-ablation mini-report mini-sql smollm2
 
 # The CPU build of torch must be installed before anything that depends on torch, or pip pulls the
 # CUDA build; PyPI's torchvision/torchaudio/torchcodec are CUDA-linked and break text-only imports.

@@ -23,7 +23,7 @@ Example YAML (all keys optional; these are the defaults)::
       buffer: {max_age: 4, capacity: 4096, window: fixed, min_age: 1,
                drift_high: 0.2, drift_low: 0.05, shrink_step: 1, grow_step: 1, grow_patience: 2,
                admit: correct, admit_threshold: null, correct_threshold: 0.5}
-      js: {coef: 0.1, estimator: sampled, topk_k: 8, log_u_clamp: 20.0, normalizer: separate}
+      js: {coef: 0.1, divergence: js, estimator: sampled, topk_k: 8, log_u_clamp: 20.0, normalizer: separate}
       replay: {size: 0.125, min_buffer: 0, seed: 0}
 """
 
@@ -324,9 +324,13 @@ class BufferConfig(ConfigNode):
 
 @dataclass
 class JSConfig(ConfigNode):
-    """Sampled-token JS regulariser on replayed tokens (see :mod:`dyjr_verl.losses.js`).
+    """The divergence regulariser on replayed tokens (see :mod:`dyjr_verl.losses.js`). The node
+    keeps its name ``js`` for compatibility whichever divergence it selects.
 
     coef: lambda >= 0 multiplying the replay term.
+    divergence: ``js`` (f_JS(u), estimating 2 JSD(pi_theta, pi_stored)) or ``forward_kl``
+        (u - 1 - log u, estimating KL(pi_stored || pi_theta); DyJR's forward-KL variant). For
+        small drift the KL term is about twice the JS one at the same coef.
     estimator: ``sampled`` (f_JS of the sampled token's probability ratio; unbiased, noisy) or
         ``topk`` (exact JS over the stored top-k support {top-k ids} + {rest}, recorded in the
         old-log-prob pass; needs that pass -- no rollout-correction bypass mode -- and the FSDP
@@ -342,6 +346,7 @@ class JSConfig(ConfigNode):
     default_path: ClassVar[str] = "dyjr.js"
 
     coef: float = 0.1
+    divergence: Literal["js", "forward_kl"] = "js"
     estimator: Literal["sampled", "topk"] = "sampled"
     topk_k: int = 8
     log_u_clamp: float = 20.0
@@ -353,6 +358,9 @@ class JSConfig(ConfigNode):
         if c.finite("log_u_clamp", self.log_u_clamp):
             c.gt("log_u_clamp", self.log_u_clamp, 0)
         c.ge("topk_k", self.topk_k, 1)
+        if c.ok("divergence", "estimator") and self.estimator == "topk" and self.divergence != "js":
+            c.error("divergence", f"{self.divergence} has no top-k estimator (the stored top-k record gives "
+                    f"exact JS only): use {c.key('estimator')}=sampled, got estimator 'topk'")
 
 
 @dataclass

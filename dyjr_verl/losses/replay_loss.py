@@ -9,6 +9,8 @@ One framework for replay methods whose buffer rows get a *different* loss from f
   where ``term`` comes from a small registry (:data:`REPLAY_TERMS`):
 
   - ``js`` (DyJR, default coef 0.1): ``f_JS(u)``, ``u = exp(log pi_theta - stored)``; no advantage;
+  - ``forward_kl`` (DyJR's forward-KL variant, default coef 0.1): ``u - 1 - log u``, whose mean
+    over stored tokens estimates KL(pi_stored || pi_theta); no advantage;
   - ``shaped_pg`` (Ex-GRPO, default coef 1.0): ``-A * f(u)``, ``f(u) = u / (u + beta)``
     (= sigmoid(log u - log beta)), beta = 0.1, unclipped, using the row's ``advantages``.
 
@@ -74,8 +76,8 @@ Metrics (keys prefixed ``replay/``; verl adds its ``actor/`` prefix when logging
 and ``term`` (the aggregated replay term), ``coef``, and token means over replay tokens: ``u_mean``,
 ``u_outside`` (share of u outside [0.5, 2]), ``drift`` (mean |log u|, feed it to
 ``TimeSensitiveBuffer.report_drift``), ``weight_mean`` (``js``: mean gradient weight
-w(u) = u log(2u/(u+1)); ``shaped_pg``: mean shaping f(u)). The token means are exact mini-batch
-means when ``replay_tokens_in_minibatch`` is present (each micro-batch reports
+w(u) = u log(2u/(u+1)); ``forward_kl``: mean u - 1; ``shaped_pg``: mean shaping f(u)). The token
+means are exact mini-batch means when ``replay_tokens_in_minibatch`` is present (each micro-batch reports
 ``local_sum * dp_size / count`` with SUM aggregation); otherwise they are averages of
 per-micro-batch means (micro-batches without replay tokens report 0).
 """
@@ -90,7 +92,13 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 from tensordict import TensorDict
 
-from dyjr_verl.losses.js import DEFAULT_LOG_U_CLAMP, f_js_from_log, js_grad_weight_from_log
+from dyjr_verl.losses.js import (
+    DEFAULT_LOG_U_CLAMP,
+    f_forward_kl_from_log,
+    f_js_from_log,
+    forward_kl_grad_weight_from_log,
+    js_grad_weight_from_log,
+)
 
 __all__ = [
     "REPLAY_MASK_KEY",
@@ -181,6 +189,13 @@ def _js_replay_term(log_u, advantages, mask, spec) -> ReplayTermOutput:
     return ReplayTermOutput(loss_mat, js_grad_weight_from_log(log_u.detach()))
 
 
+@register_replay_term("forward_kl", default_coef=0.1, default_normalizer="separate")
+def _forward_kl_replay_term(log_u, advantages, mask, spec) -> ReplayTermOutput:
+    """DyJR (forward KL): u - 1 - log u on replayed tokens; the advantage is not used."""
+    loss_mat = f_forward_kl_from_log(log_u) * mask
+    return ReplayTermOutput(loss_mat, forward_kl_grad_weight_from_log(log_u.detach()))
+
+
 @register_replay_term("shaped_pg", default_coef=1.0, default_normalizer="joint", needs_advantages=True)
 def _shaped_pg_replay_term(log_u, advantages, mask, spec) -> ReplayTermOutput:
     """Ex-GRPO: -A * u/(u+beta), written as sigmoid(log u - log beta) (stable for any log u)."""
@@ -198,8 +213,8 @@ def _shaped_pg_replay_term(log_u, advantages, mask, spec) -> ReplayTermOutput:
 class ReplayLossSpec:
     """What the replay rows get. Frozen and module-level, so ``functools.partial`` pickles it.
 
-    kind: a :data:`REPLAY_TERMS` name (``js`` | ``shaped_pg``).
-    coef: multiplier of the replay term; None = the term's default (js 0.1, shaped_pg 1.0).
+    kind: a :data:`REPLAY_TERMS` name (``js`` | ``forward_kl`` | ``shaped_pg`` | ``topk_js``).
+    coef: multiplier of the replay term; None = the term's default (js, forward_kl 0.1; shaped_pg 1.0).
     beta: shaping constant of ``shaped_pg``.
     log_u_clamp: symmetric clamp of log u before the term (see ``dyjr_verl.losses.js``).
     normalizer: ``separate`` | ``joint`` | None (= the term's default: js separate,
@@ -243,10 +258,14 @@ class ReplayLossSpec:
 
     @classmethod
     def from_dyjr_config(cls, cfg: Any, **overrides: Any) -> "ReplayLossSpec":
-        """DyJR spec from a :class:`dyjr_verl.config.DyJRConfig` (or its ``js`` node)."""
+        """DyJR spec from a :class:`dyjr_verl.config.DyJRConfig` (or its ``js`` node):
+        ``js.divergence`` picks the term (``js`` | ``forward_kl``), ``js.estimator=topk`` the
+        exact top-k JS (JS only; ``JSConfig.check`` refuses it with forward_kl)."""
         js = getattr(cfg, "js", cfg)
-        kind = "js"
+        kind = getattr(js, "divergence", "js")
         if getattr(js, "estimator", "sampled") == "topk":
+            if kind != "js":  # a node built in code skips JSConfig.check: refuse here as well
+                raise ValueError(f"dyjr.js.estimator=topk computes JS only, not dyjr.js.divergence={kind}")
             import dyjr_verl.losses.topk_js  # noqa: F401  (registers the 'topk_js' term)
 
             kind = "topk_js"
