@@ -186,13 +186,3 @@ def test_recipes_log_console_and_file_with_wandb_opt_in(recipe, tmp_path, monkey
         assert list(opt_in.trainer.logger) == ["console", "file", "wandb"]
 
 
-@pytest.mark.e2e
-def test_a_real_run_writes_json_lines_that_match_its_console(tiny_assets, tmp_path):
-    from e2e_utils import run_main_ppo
-
-    run = run_main_ppo("grpo_tiny_cpu", tiny_assets, tmp_path, "trainer.total_training_steps=2")
-    assert run.returncode == 0, run.tail()
-    assert run.metrics_path == (tmp_path / "metrics.jsonl").resolve() and run.metrics_path.is_file(), run.tail()
-    assert f"Creating file logger at {run.metrics_path}" in run.log
-    assert sorted(run.steps) == [1, 2] and "critic/score/mean" in run.steps[2]
-    _same(run.steps, parse_log(run.log.splitlines()))  # the same numbers as the console fallback

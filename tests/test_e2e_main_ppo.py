@@ -7,12 +7,14 @@ deadline, so a hang fails the test instead of stalling CI.
 
 from __future__ import annotations
 
+import math
 import pickle
 import subprocess
 import sys
 
 import pytest
 
+from dyjr_verl.analysis.steps import parse_log
 from dyjr_verl.trainer.state import buffer_digest
 from e2e_utils import RECIPES, run_main_ppo
 
@@ -51,6 +53,16 @@ def test_grpo_tiny_recipe_trains_through_main_ppo(assets, tmp_path):
     assert min(_series(run, "training/rollout_actor_probs_pearson_corr")) > 0.95
     # trainer mode sync_rank_k: verl's GRPO plus the Rank-k metrics of every step
     assert_rank_k_logged(run)
+    # run.steps come from verl's file logger (metrics.jsonl); the console text carries the same numbers
+    assert run.metrics_path == (tmp_path / "metrics.jsonl").resolve() and run.metrics_path.is_file(), run.tail()
+    assert f"Creating file logger at {run.metrics_path}" in run.log
+    console = parse_log(run.log.splitlines())
+    assert sorted(console) == sorted(run.steps)
+    for step, metrics in console.items():
+        assert sorted(metrics) == sorted(run.steps[step]), step
+        for key, value in metrics.items():
+            got = run.steps[step][key]
+            assert (math.isnan(got) and math.isnan(value)) or got == pytest.approx(value), (step, key)
 
 
 def test_dyjr_tiny_recipe_replays_through_the_js_term(assets, tmp_path):
