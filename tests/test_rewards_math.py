@@ -10,6 +10,9 @@ import json
 import operator
 import os
 import re
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -172,6 +175,30 @@ def test_fast_path_accepts_override_strings(value) -> None:
         mr.compute_score("x", "\\boxed{7}", "7", fast_path="maybe")
 
 
+def test_unknown_reward_kwargs_are_refused() -> None:
+    """A misspelt reward_kwargs key (here timout_s) used to be swallowed by **kwargs and silently ignored."""
+    with pytest.raises(ValueError, match=r"unknown reward_kwargs key\(s\) timout_s; accepted: extract, fast_path, timeout_s"):
+        mr.compute_score("x", "\\boxed{1}", "1", timout_s=3)
+    with pytest.raises(ValueError, match="db_root"):  # an SQL option is not a math option
+        mr.compute_score_batch(None, ["\\boxed{1}"], ["1"], db_root="/data")
+    with pytest.raises(ValueError, match="timout_s"):
+        asyncio.run(mr.compute_score_async("x", "\\boxed{1}", "1", timout_s=3))
+    # the keywords verl's reward managers add themselves are not options, and stay accepted
+    out = mr.compute_score("x", "\\boxed{1}", "1", reward_router_address=None, reward_model_tokenizer=None)
+    assert out["score"] == 1.0
+
+
+def test_unknown_reward_kwargs_fail_through_verls_loader() -> None:
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    cfg = OmegaConf.create({"reward": {"custom_reward_function": {
+        "path": "pkg://dyjr_verl.rewards.math", "name": "compute_score", "reward_kwargs": {"time_out": 3.0}}}})
+    fn = get_custom_reward_fn(cfg)
+    with pytest.raises(ValueError, match="unknown reward_kwargs key.*time_out"):
+        fn(data_source="math500", solution_str="\\boxed{1}", ground_truth="1", extra_info={})
+
+
 @pytest.mark.parametrize("gold", [None, "", "  "])
 def test_bad_ground_truth_raises(gold) -> None:
     with pytest.raises(ValueError, match="ground_truth"):
@@ -327,6 +354,105 @@ def test_compute_score_in_a_non_main_thread_uses_no_signals() -> None:
     t.start()
     t.join(30)
     assert box["out"]["score"] == 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# called from a plain script: spawn/forkserver re-run the script in every new process
+
+SCRIPT_LIMIT_S = 120  # the outside timeout; before the fix a script without a guard hung until it
+SCRIPT_BOUND_S = 60  # a script that cannot work must fail well before it
+
+
+def run_script(tmp_path: Path, repo_root: Path, body: str, name: str = "score.py") -> tuple[subprocess.CompletedProcess, float]:
+    script = tmp_path / name
+    script.write_text(textwrap.dedent(body))
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=SCRIPT_LIMIT_S)
+    return proc, time.monotonic() - start
+
+
+def assert_guard_error(proc: subprocess.CompletedProcess, elapsed: float) -> str:
+    assert proc.returncode != 0, proc.stdout
+    assert elapsed < SCRIPT_BOUND_S
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("dyjr_verl.rewards.deadline.PoolStartError: "), proc.stderr[-2000:]
+    assert 'if __name__ == "__main__":' in last
+    return last
+
+
+def test_script_without_main_guard_fails_fast_with_one_line(tmp_path: Path, repo_root: Path) -> None:
+    proc, elapsed = run_script(tmp_path, repo_root, """
+        from dyjr_verl.rewards.math import compute_score
+        print(compute_score("x", "so \\\\boxed{\\\\frac{1}{2}}", "0.5"))  # needs Math-Verify, so a worker
+    """)
+    last = assert_guard_error(proc, elapsed)
+    assert f"top level of {tmp_path / 'score.py'} (line 3)" in last
+    assert elapsed < 20  # refused in the calling process, before any worker is started
+
+
+def test_script_calling_from_threads_without_main_guard_fails_fast(tmp_path: Path, repo_root: Path) -> None:
+    """The calling thread does not see the script's top level: the re-run in the worker is caught instead."""
+    proc, elapsed = run_script(tmp_path, repo_root, """
+        from concurrent.futures import ThreadPoolExecutor
+        from dyjr_verl.rewards.math import compute_score
+        with ThreadPoolExecutor(2) as ex:
+            print(list(ex.map(lambda r: compute_score("x", r, "0.5")["score"], ["\\\\boxed{\\\\frac{1}{2}}"])))
+    """)
+    last = assert_guard_error(proc, elapsed)
+    assert "fail to start" in last and "score.py" in last
+
+
+def test_script_with_main_guard_scores(tmp_path: Path, repo_root: Path) -> None:
+    proc, elapsed = run_script(tmp_path, repo_root, """
+        from dyjr_verl.rewards.math import compute_score
+
+        def main():
+            return compute_score("x", "so \\\\boxed{\\\\frac{1}{2}}", "0.5")["score"]
+
+        if __name__ == "__main__":
+            print(main(), compute_score("x", "\\\\boxed{\\\\sqrt{4}}", "2")["score"])
+    """)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["1.0", "1.0"]
+
+
+def test_fork_server_that_never_answers_is_bounded(tmp_path: Path, repo_root: Path) -> None:
+    """A fork server stuck importing its preload modules used to block Process.start(), and every caller, forever."""
+    (tmp_path / "stuck_module.py").write_text("import time\ntime.sleep(600)\n")
+    proc, elapsed = run_script(tmp_path, repo_root, """
+        import sys
+        from dyjr_verl.rewards import deadline
+
+        deadline.BOOT_TIMEOUT_S = 2.0
+        if __name__ == "__main__":
+            pool = deadline.DeadlinePool("stuck", 1, preload=["stuck_module"])
+            try:
+                pool.run(abs, -1, timeout_s=5)
+            except deadline.PoolStartError as exc:
+                print(exc)
+                sys.exit(3)
+    """)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "did not answer within 2 s" in proc.stdout
+    assert elapsed < 30
+
+
+def test_manager_thread_failure_fails_the_waiting_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = DeadlinePool("broken-manager", 1)
+
+    def boom() -> float:
+        raise RuntimeError("bug in the scheduler")
+
+    monkeypatch.setattr(pool, "_schedule", boom)
+    try:
+        fut = pool.submit(operator.add, 1, 1, timeout_s=5)
+        exc = fut.exception(timeout=10)  # before: the manager thread died and the call waited forever
+        assert isinstance(exc, PoolStartError)
+        assert "manager thread failed: RuntimeError: bug in the scheduler" in str(exc)
+    finally:
+        pool.shutdown()
 
 
 # --------------------------------------------------------------------------------------------------

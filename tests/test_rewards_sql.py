@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -261,6 +263,81 @@ def test_db_resolution(spider_root: Path, monkeypatch: pytest.MonkeyPatch) -> No
         sr.compute_score(None, resp, "", {"db_id": "concert_singer"}, db_root=str(spider_root))
     with pytest.raises(ValueError, match="timeout_s"):
         sr.compute_score(None, resp, gold, {"db_id": "concert_singer"}, db_root=str(spider_root), timeout_s=-1)
+
+
+def test_relative_db_path_resolves_against_db_root(spider_root: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A parquet made with ``data.sql --relative-to`` stores db_path relative to the data root, which each
+    cluster mounts somewhere else; the layout need not be <db_id>/<db_id>.sqlite."""
+    mount = tmp_path / "mnt" / "data"
+    (mount / "dbs" / "v2").mkdir(parents=True)
+    shutil.copy(spider_root / "concert_singer" / "concert_singer.sqlite", mount / "dbs" / "v2" / "singers.sqlite")
+    gold = "SELECT count(*) FROM singer"
+    info = {"db_path": "dbs/v2/singers.sqlite", "db_id": "concert_singer"}
+    monkeypatch.chdir(tmp_path)  # nothing is looked up relative to the working directory
+    assert sr.compute_score(None, _fence(gold), gold, info, db_root=str(mount))["status"] == "correct"
+    assert sr.compute_score_batch(None, [_fence("SELECT 1")], [gold], [info], db_root=str(mount))[0]["status"] == "wrong"
+    assert sr.resolve_db_path(info, mount) == str(mount / "dbs" / "v2" / "singers.sqlite")
+    monkeypatch.setenv("DYJR_SQL_DB_ROOT", str(mount))
+    assert sr.compute_score(None, _fence(gold), gold, info)["status"] == "correct"
+    monkeypatch.delenv("DYJR_SQL_DB_ROOT")
+    with pytest.raises(ValueError, match=r"db_path 'dbs/v2/singers.sqlite' is relative to a database root: pass reward kwarg db_root"):
+        sr.compute_score(None, _fence(gold), gold, info)
+    with pytest.raises(ValueError, match="database not found: neither"):
+        sr.compute_score(None, _fence(gold), gold, info, db_root=str(tmp_path))
+    # an absolute db_path keeps working, with or without a root
+    absolute = {"db_path": str(mount / "dbs" / "v2" / "singers.sqlite")}
+    assert sr.compute_score(None, _fence(gold), gold, absolute)["status"] == "correct"
+    assert sr.compute_score(None, _fence(gold), gold, absolute, db_root=str(tmp_path))["status"] == "correct"
+
+
+def test_unknown_reward_kwargs_are_refused(spider_root: Path) -> None:
+    """A misspelt key (db-root, timeout) used to be swallowed by **kwargs: the run scored against defaults."""
+    gold = "SELECT count(*) FROM singer"
+    info = {"db_id": "concert_singer"}
+    accepted = "db_root, gold_cache, gold_timeout_s, max_rows, reward_values, soft_deadline, timeout_s"
+    with pytest.raises(ValueError, match=rf"unknown reward_kwargs key\(s\) dbroot; accepted: {accepted}$"):
+        sr.compute_score(None, _fence(gold), gold, info, dbroot=str(spider_root))
+    with pytest.raises(ValueError, match="extract, timeout"):
+        sr.compute_score_batch(None, [_fence(gold)], [gold], [info], db_root=str(spider_root), timeout=1, extract="x")
+    with pytest.raises(ValueError, match="unknown reward_kwargs"):
+        asyncio.run(sr.compute_score_async(None, _fence(gold), gold, info, db_root=str(spider_root), fast_path=True))
+    out = sr.compute_score(None, _fence(gold), gold, info, db_root=str(spider_root), reward_router_address=None,
+                           reward_model_tokenizer=None)  # added by verl's reward managers, not options
+    assert out["status"] == "correct"
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    cfg = OmegaConf.create({"reward": {"custom_reward_function": {
+        "path": "pkg://dyjr_verl.rewards.sql", "name": "compute_score",
+        "reward_kwargs": {"db_root": str(spider_root), "timeout": 3}}}})
+    with pytest.raises(ValueError, match="unknown reward_kwargs key.*timeout;"):
+        get_custom_reward_fn(cfg)(data_source="spider", solution_str=_fence(gold), ground_truth=gold, extra_info=info)
+
+
+def test_script_without_main_guard_fails_fast(tmp_path: Path, repo_root: Path) -> None:
+    """Its worker processes re-run the script; before, the call hung until an outside timeout killed it."""
+    db = tmp_path / "tiny.sqlite"
+    conn = sqlite3.connect(db)
+    conn.executescript("CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (1), (2);")
+    conn.close()
+    call = f"""compute_score(None, "```sql\\nSELECT sum(x) FROM t\\n```", "SELECT 3", {{"db_path": {str(db)!r}}})"""
+    (tmp_path / "plain.py").write_text(f"from dyjr_verl.rewards.sql import compute_score\nprint({call}['status'])\n")
+    (tmp_path / "guarded.py").write_text(
+        f"from dyjr_verl.rewards.sql import compute_score\nif __name__ == '__main__':\n    print({call}['status'])\n")
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(tmp_path / "plain.py")], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=120)
+    assert time.monotonic() - start < 60
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("dyjr_verl.rewards.deadline.PoolStartError: reward called at the top level of")
+    assert 'if __name__ == "__main__":' in last
+    proc = subprocess.run([sys.executable, str(tmp_path / "guarded.py")], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "correct"
 
 
 def test_gold_cache_follows_the_database_file(spider_root: Path, tmp_path: Path) -> None:

@@ -3,13 +3,16 @@
 Usage::
 
     python -m dyjr_verl.data.sql INPUT (or --input INPUT) --output OUT.parquet [--split dev] [--limit N] [--seed S]
-        [--db-root DIR] [--build-db-dir DIR] [--sample-rows K] [--data-source NAME] [--hf-config C]
+        [--db-root DIR] [--build-db-dir DIR] [--relative-to DIR] [--sample-rows K] [--data-source NAME]
+        [--hf-config C]
 
 ``INPUT`` is one of
 
-* a Spider directory: ``<split>.json`` or ``<split>.jsonl`` (``train`` also finds ``train_spider.json``),
-  ``tables.json`` and ``database/<db_id>/<db_id>.sqlite``. Databases shipped only as
-  ``database/<db_id>/schema.sql`` (like ``shared/data/spider``) are built into ``--build-db-dir``;
+* a Spider directory: ``<split>.json`` or ``<split>.jsonl`` (``train`` without a ``train.json`` reads
+  Spider's two training files, ``train_spider.json`` and ``train_others.json``), ``tables.json`` and
+  ``database/<db_id>/<db_id>.sqlite``; the test split looks in ``test_database/`` first (newer releases).
+  Databases shipped only as ``database/<db_id>/schema.sql`` (like ``shared/data/spider``) are built into
+  ``--build-db-dir``;
 * a BIRD directory: ``<split>.json`` with ``question``, ``evidence``, ``SQL``, ``db_id`` and
   ``<split>_databases/<db_id>/<db_id>.sqlite``;
 * a ``.jsonl``/``.json``/``.parquet`` file with ``question``, ``query`` or ``SQL``, ``db_id`` (and
@@ -19,7 +22,10 @@ Usage::
 Each row's prompt comes from :func:`dyjr_verl.rewards.sql.build_sql_prompt` (CREATE TABLEs read from the
 SQLite file, optional sample rows, BIRD evidence); ``reward_model.ground_truth`` is the gold SQL and
 ``extra_info`` carries ``db_id`` and the absolute ``db_path`` that :mod:`dyjr_verl.rewards.sql` executes
-against. ``data_source`` is ``spider``/``bird`` for those layouts, else the file stem.
+against. With ``--relative-to DIR`` the ``db_path`` is stored relative to ``DIR``, and training passes
+where ``DIR`` is mounted on its machines as the reward's ``db_root``
+(``reward.custom_reward_function.reward_kwargs.db_root=...``). ``data_source`` is ``spider``/``bird`` for
+those layouts, else the file stem.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from dyjr_verl.data.schema import (
     write_parquet,
 )
 
-__all__ = ["detect_layout", "find_split_file", "DatabaseLocator", "convert", "main"]
+__all__ = ["detect_layout", "find_split_files", "spider_database_dirs", "DatabaseLocator", "convert", "main"]
 
 QUESTION_KEYS = ("question", "nl", "utterance")
 SQL_KEYS = ("query", "SQL", "sql", "gold_sql")
@@ -53,22 +59,40 @@ def detect_layout(path: Path, split: str) -> str:
     if path.is_dir():
         if (path / f"{split}_databases").is_dir() or (path / "dev_databases").is_dir() or (path / "train_databases").is_dir():
             return "bird"
-        if (path / "database").is_dir():
+        if spider_database_dirs(path, split):
             return "spider"
         raise ValueError(
-            f"{path}: not a Spider (database/) or BIRD (<split>_databases/) directory"
+            f"{path}: not a Spider (database/, test_database/) or BIRD (<split>_databases/) directory"
         )
     return "file"
 
 
-def find_split_file(directory: Path, split: str, layout: str) -> Path:
-    """The question file of ``split`` inside a Spider/BIRD directory."""
+def spider_database_dirs(directory: Path, split: str) -> list[Path]:
+    """Spider's database directories, the split's own first: newer releases add ``test_database/``
+    (every database of the test split, which ``database/`` lacks)."""
+    names = ["test_database", "database"] if split == "test" else ["database", "test_database"]
+    return [directory / n for n in names if (directory / n).is_dir()]
+
+
+def _first_file(directory: Path, names: Sequence[str]) -> Path | None:
+    return next((directory / n for n in names if (directory / n).is_file()), None)
+
+
+def find_split_files(directory: Path, split: str, layout: str) -> list[Path]:
+    """The question file(s) of ``split`` inside a Spider/BIRD directory.
+
+    Spider has no ``train.json``: its training split is ``train_spider.json`` plus ``train_others.json``
+    (questions over databases from earlier datasets), read in that order.
+    """
     names = [f"{split}.jsonl", f"{split}.json"]
+    own = _first_file(directory, names)
+    if own is not None:
+        return [own]
     if layout == "spider" and split == "train":
+        parts = [_first_file(directory, [f"train_{part}.json", f"train_{part}.jsonl"]) for part in ("spider", "others")]
+        if parts[0] is not None:
+            return [f for f in parts if f is not None]
         names += ["train_spider.json", "train_spider.jsonl"]
-    for name in names:
-        if (directory / name).is_file():
-            return directory / name
     raise ValueError(f"{directory}: no question file for split {split!r} (looked for {', '.join(names)})")
 
 
@@ -118,10 +142,15 @@ def convert(
     limit: int | None = None,
     seed: int | None = None,
     sample_rows: int = 0,
+    relative_to: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """verl rows (``extra_info``: split, index, id, db_id, db_path, question, evidence, answer, source_index)."""
+    """verl rows (``extra_info``: split, index, id, db_id, db_path, question, evidence, answer, source_index).
+
+    ``db_path`` is absolute, or relative to ``relative_to`` when given (every database must lie under it).
+    """
     from dyjr_verl.rewards.sql import build_sql_prompt
 
+    root = Path(relative_to).resolve() if relative_to is not None else None
     rows = []
     for out_idx, (src_idx, rec) in enumerate(select_records(records, limit, seed)):
         where = f"record {src_idx}"
@@ -130,6 +159,12 @@ def convert(
         db_id = str(first_key(rec, ("db_id",), "db_id", where))
         evidence = str(rec.get("evidence") or "").strip()
         db_path = locator.path(db_id)
+        stored = db_path
+        if root is not None:
+            try:
+                stored = db_path.resolve().relative_to(root)
+            except ValueError:
+                raise ValueError(f"database {db_path} is not under --relative-to {root}") from None
         rows.append(
             make_row(
                 data_source=data_source,
@@ -141,7 +176,7 @@ def convert(
                 extra={
                     "id": str(rec.get("id", rec.get("question_id", src_idx))),
                     "db_id": db_id,
-                    "db_path": str(db_path),
+                    "db_path": str(stored),
                     "question": question,
                     "evidence": evidence,
                     "answer": gold,
@@ -161,6 +196,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, help="shuffle the rows with this seed before --limit")
     ap.add_argument("--db-root", action="append", default=[], help="database root(s): <root>/<db_id>/<db_id>.sqlite")
     ap.add_argument("--build-db-dir", help="where to build SQLite files for databases shipped as schema.sql")
+    ap.add_argument("--relative-to", metavar="DIR",
+                    help="store db_path relative to DIR; at training time give DIR's mount point as the reward's "
+                         "db_root (reward.custom_reward_function.reward_kwargs.db_root=...)")
     ap.add_argument("--sample-rows", type=int, default=0, help="example rows per table in the prompt")
     ap.add_argument("--data-source", help="data_source column (default: spider / bird / the file stem)")
     ap.add_argument("--hf-config", help="hub dataset configuration name")
@@ -176,6 +214,8 @@ def _main(argv: list[str] | None) -> int:
     for r in roots:
         if not r.is_dir():
             raise ValueError(f"--db-root {r} is not a directory")
+    if args.relative_to is not None and not Path(args.relative_to).is_dir():
+        raise ValueError(f"--relative-to {args.relative_to} is not a directory")
     src = Path(args.input)
     if src.exists():
         layout = detect_layout(src, args.split)
@@ -183,11 +223,14 @@ def _main(argv: list[str] | None) -> int:
             records = read_records(src)
             default_source = re.sub(r"[^a-z0-9]+", "_", src.stem.lower()).strip("_") or "sql"
         else:
-            records = read_records(find_split_file(src, args.split, layout))
-            db_dir = src / ("database" if layout == "spider" else f"{args.split}_databases")
-            if layout == "bird" and not db_dir.is_dir():
-                raise ValueError(f"{src}: BIRD split {args.split!r} has no {db_dir.name}/ directory")
-            roots = [db_dir, *roots]
+            records = [r for f in find_split_files(src, args.split, layout) for r in read_records(f)]
+            if layout == "spider":
+                roots = [*spider_database_dirs(src, args.split), *roots]
+            else:
+                db_dir = src / f"{args.split}_databases"
+                if not db_dir.is_dir():
+                    raise ValueError(f"{src}: BIRD split {args.split!r} has no {db_dir.name}/ directory")
+                roots = [db_dir, *roots]
             default_source = layout
     elif looks_like_hub_name(args.input):
         records = load_hub_dataset(args.input, args.split, args.hf_config)
@@ -205,6 +248,7 @@ def _main(argv: list[str] | None) -> int:
         limit=args.limit,
         seed=args.seed,
         sample_rows=args.sample_rows,
+        relative_to=Path(args.relative_to) if args.relative_to is not None else None,
     )
     out = write_parquet(rows, args.output)
     print(f"wrote {len(rows)} rows to {out}")

@@ -14,7 +14,20 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["deadline", "math", "sql", "bool_option"]
+__all__ = ["deadline", "math", "sql", "bool_option", "check_kwargs"]
+
+#: Keywords verl's reward managers add to every call when a reward-model router is configured
+#: (``experimental/reward_loop/reward_manager/*.py``); accepted and ignored, they are not options.
+VERL_CALL_KWARGS = frozenset({"reward_router_address", "reward_model_tokenizer"})
+
+
+def check_kwargs(reward: str, kwargs: Any, accepted: Any) -> None:
+    """Refuse keywords the reward does not know: a misspelt ``reward_kwargs`` key must not be ignored."""
+    unknown = sorted(set(kwargs) - set(accepted) - VERL_CALL_KWARGS)
+    if unknown:
+        raise ValueError(
+            f"{reward}: unknown reward_kwargs key(s) {', '.join(unknown)}; accepted: {', '.join(sorted(accepted))}"
+        )
 
 
 def bool_option(name: str, value: Any) -> bool:

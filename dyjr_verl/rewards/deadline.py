@@ -26,14 +26,24 @@ host, and it dies with its parent (``PR_SET_PDEATHSIG`` plus a watchdog thread).
 
 One manager thread per pool dispatches calls and enforces deadlines; ``submit`` is thread-safe and
 returns a :class:`concurrent.futures.Future`, so sync (:meth:`run`), batch (:meth:`map`) and asyncio
-(:meth:`run_async`) callers share the same workers.
+(:meth:`run_async`) callers share the same workers. Nothing waits without a bound: a fork server that
+does not answer within ``BOOT_TIMEOUT_S`` is killed, and if the manager thread itself fails, every
+queued and running call fails with it.
+
+``forkserver`` and ``spawn`` re-run the main script in the new process (as ``__mp_main__``). A script that
+calls a reward at its top level, outside ``if __name__ == "__main__":``, would call it again there and
+never let a worker start: :meth:`DeadlinePool.submit` refuses such a call up front
+(:class:`PoolStartError`, one line saying what to add), and a reward called while a process is re-running
+the main script fails the same way instead of waiting.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import atexit
 import collections
+import functools
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -58,6 +68,7 @@ __all__ = [
     "in_fork_server",
     "default_worker_count",
     "by_reference",
+    "check_main_guard",
 ]
 
 #: How long a freshly started worker may take to import its modules and report ready.
@@ -144,6 +155,100 @@ def register_preload(*modules: str) -> None:
     for m in modules:
         if m not in _PRELOAD:
             _PRELOAD.append(m)
+
+
+# --------------------------------------------------------------------------------------------------
+# the calling script's main guard
+
+_GUARD = 'if __name__ == "__main__":'
+
+
+def _reimported_main_file() -> str | None:
+    """The file of ``__main__`` when new worker processes re-run it (what ``spawn``/``forkserver`` do), else None."""
+    main = sys.modules.get("__main__")
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
+    if spec_name is not None and (spec_name == "__main__" or spec_name.endswith(".__main__")):
+        return None  # multiprocessing never re-runs a package's __main__ module
+    path = getattr(main, "__file__", None)
+    return path if path and os.path.isfile(path) else None
+
+
+def _is_main_test(test: ast.expr) -> bool:
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = (test.left, test.comparators[0])
+    return any(isinstance(x, ast.Name) and x.id == "__name__" for x in sides) and any(
+        isinstance(x, ast.Constant) and x.value == "__main__" for x in sides
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _guarded_lines(path: str, mtime_ns: int) -> tuple[tuple[int, int], ...] | None:
+    """Line ranges of the bodies of ``if __name__ == "__main__":`` blocks in ``path``; None if unreadable."""
+    try:
+        with open(path, "rb") as fh:
+            tree = ast.parse(fh.read(), path)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    return tuple(
+        (node.body[0].lineno, node.body[-1].end_lineno or node.body[-1].lineno)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and _is_main_test(node.test)
+    )
+
+
+def _main_guard_lines() -> tuple[str, tuple[tuple[int, int], ...] | None] | None:
+    path = _reimported_main_file()
+    if path is None:
+        return None
+    try:
+        return path, _guarded_lines(path, os.stat(path).st_mtime_ns)
+    except OSError:
+        return None
+
+
+def check_main_guard() -> None:
+    """Raise :class:`PoolStartError` when starting workers would re-run the code that is calling us.
+
+    * In a process that is re-running the main script for multiprocessing (multiprocessing's own
+      ``_inheriting`` flag, as in its "bootstrapping phase" check), a pool can never start.
+    * In the original process, when the call comes from the main script's top-level code outside its
+      ``if __name__ == "__main__":`` body, every worker start would repeat the call.
+    """
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise PoolStartError(
+            "a reward was called while this process re-runs the main script to start a worker; "
+            f"put the script's top-level code under '{_GUARD}'"
+        )
+    main_globals = getattr(sys.modules.get("__main__"), "__dict__", None)
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_code.co_name == "<module>" and frame.f_globals is main_globals):
+        frame = frame.f_back
+    if frame is None:  # not called from the main script's top level (threads, Ray actors, functions)
+        return
+    guard = _main_guard_lines()
+    if guard is None or guard[1] is None:  # the main script is not re-run, or cannot be read
+        return
+    path, ranges = guard
+    line = frame.f_lineno
+    if not any(a <= line <= b for a, b in ranges):
+        raise PoolStartError(
+            f"reward called at the top level of {path} (line {line}): its worker processes re-run "
+            f"that script and would call it again; move the calling code under '{_GUARD}'"
+        )
+
+
+def _kill_fork_server() -> None:
+    """SIGKILL this process's fork server (its blocked clients then read EOF instead of waiting forever)."""
+    import multiprocessing.forkserver as fs
+    import signal
+
+    pid = getattr(getattr(fs, "_forkserver", None), "_forkserver_pid", None)
+    if pid:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,6 +443,7 @@ class DeadlinePool:
         if not timeout_s or timeout_s <= 0:
             raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         self._check_fork()
+        check_main_guard()
         fut: Future = Future()
         task = _Task(fn, args, kwargs, float(timeout_s), fut)
         with self._lock:
@@ -473,7 +579,11 @@ class DeadlinePool:
         return ctx
 
     def _start_worker(self) -> None:
-        ctx = self._context()
+        try:
+            ctx = self._context()
+        except Exception as exc:  # e.g. the fork server cannot be started from here
+            self._boot_failed(f"could not start worker: {type(exc).__name__}: {exc}")
+            return
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         proc = ctx.Process(
             target=_worker_main,
@@ -481,13 +591,30 @@ class DeadlinePool:
             name=f"{self.name}-worker",
             daemon=True,
         )
+        # The fork server answers only after importing its preload modules (on some Python versions the
+        # main script too); if that never ends, Process.start() would block this thread, and every caller.
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            _kill_fork_server()
+
+        watchdog = threading.Timer(BOOT_TIMEOUT_S, expire) if self.start_method == "forkserver" else None
         try:
+            if watchdog is not None:
+                watchdog.daemon = True
+                watchdog.start()
             proc.start()
         except Exception as exc:
             parent_conn.close()
             child_conn.close()
-            self._boot_failed(f"could not start worker: {type(exc).__name__}: {exc}")
+            why = (f"the fork server did not answer within {BOOT_TIMEOUT_S:g} s and was killed" if expired.is_set()
+                   else f"{type(exc).__name__}: {exc}")
+            self._boot_failed(f"could not start worker: {why}")
             return
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
         child_conn.close()
         self.stats.started += 1
         self._workers.append(_Worker(proc, parent_conn, time.monotonic()))
@@ -497,7 +624,11 @@ class DeadlinePool:
         self._boot_failures_in_a_row += 1
         self._last_boot_error = why
         if self._boot_failures_in_a_row >= MAX_BOOT_FAILURES:
-            err = PoolStartError(f"pool {self.name!r}: worker processes fail to start ({why})")
+            msg = f"pool {self.name!r}: worker processes fail to start ({why})"
+            guard = _main_guard_lines()
+            if guard is not None and guard[1] == ():
+                msg += f"; workers re-run {guard[0]}, which has no '{_GUARD}' block: put its code under one"
+            err = PoolStartError(msg)
             while self._pending:
                 task = self._pending.popleft()
                 if not task.future.done():
@@ -570,6 +701,21 @@ class DeadlinePool:
         return max(0.0, min(deadlines) - now)
 
     def _manage(self) -> None:
+        try:
+            self._manage_loop()
+        except BaseException as exc:  # a bug: no caller may wait forever; each of them gets the error instead
+            with self._lock:
+                err = PoolStartError(f"pool {self.name!r}: manager thread failed: {type(exc).__name__}: {exc}")
+                tasks = list(self._pending) + [w.task for w in self._workers if w.task is not None]
+                self._pending.clear()
+                for w in list(self._workers):
+                    self._retire(w, None)
+                self._thread = None
+            for task in tasks:
+                if not task.future.done():
+                    task.future.set_exception(err)
+
+    def _manage_loop(self) -> None:
         while True:
             with self._lock:
                 if self._closed:

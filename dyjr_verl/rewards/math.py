@@ -28,7 +28,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Any, Iterable, NamedTuple, Sequence
 
-from dyjr_verl.rewards import bool_option
+from dyjr_verl.rewards import bool_option, check_kwargs
 from dyjr_verl.rewards.deadline import (
     DeadlineExceeded,
     DeadlinePool,
@@ -345,7 +345,12 @@ class _Options(NamedTuple):
     fast_path: bool
 
 
+#: The keyword options (``reward_kwargs``) of every entry point.
+OPTIONS = ("timeout_s", "extract", "fast_path")
+
+
 def _options(kwargs: dict[str, Any]) -> _Options:
+    check_kwargs(_MODULE, kwargs, OPTIONS)
     timeout_s = kwargs.get("timeout_s", DEFAULT_TIMEOUT_S)
     try:
         timeout_s = float(timeout_s)
@@ -439,7 +444,8 @@ def compute_score(
         timeout_s: hard deadline for the Math-Verify check, default :data:`DEFAULT_TIMEOUT_S`.
         extract: extraction modes in order, subset of :data:`EXTRACT_MODES` (default both).
         fast_path: allow the in-process string/number decision (default True; tests turn it off).
-    Other keywords (verl passes e.g. ``reward_router_address``) are ignored.
+    Any other keyword raises ``ValueError`` (except the ones verl itself adds, ``reward_router_address``
+    and ``reward_model_tokenizer``).
     """
     opts = _options(kwargs)
     done, (golds, pred) = _prepare(solution_str, ground_truth, opts)

@@ -1,9 +1,10 @@
 """Text-to-SQL execution-match reward for verl, with a sandbox that cannot change the database.
 
 verl contract: ``compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs)``
-with ``ground_truth`` = the gold SQL and ``extra_info`` carrying ``db_path`` (a SQLite file) or
-``db_id`` plus a database root (kwarg ``db_root``, ``extra_info["db_root"]`` or env
-``DYJR_SQL_DB_ROOT``; layout ``<root>/<db_id>/<db_id>.sqlite``). The returned dict always has the keys
+with ``ground_truth`` = the gold SQL and ``extra_info`` carrying ``db_path`` (a SQLite file, absolute or
+relative to the database root) or ``db_id`` (layout ``<root>/<db_id>/<db_id>.sqlite``); the database root
+comes from the kwarg ``db_root``, ``extra_info["db_root"]`` or env ``DYJR_SQL_DB_ROOT``, so that a cluster
+can mount the data anywhere (see :func:`resolve_db_path`). The returned dict always has the keys
 ``score``, ``acc``, ``pred``, ``timeout``, ``status`` (verl stacks them per key):
 
 =============  =====================================  ================================
@@ -50,7 +51,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
-from dyjr_verl.rewards import bool_option
+from dyjr_verl.rewards import bool_option, check_kwargs
 from dyjr_verl.rewards.deadline import (
     DeadlineExceeded,
     DeadlinePool,
@@ -566,7 +567,12 @@ def _positive(name: str, value: Any) -> float:
     return f
 
 
+#: The keyword options (``reward_kwargs``) of every entry point.
+OPTIONS = ("db_root", "timeout_s", "gold_timeout_s", "max_rows", "gold_cache", "soft_deadline", "reward_values")
+
+
 def _options(kwargs: dict[str, Any]) -> _Options:
+    check_kwargs(_MODULE, kwargs, OPTIONS)
     scores = dict(_DEFAULT_SCORES)
     overrides = kwargs.get("reward_values") or {}
     unknown = set(overrides) - set(scores)
@@ -585,20 +591,35 @@ def _options(kwargs: dict[str, Any]) -> _Options:
 
 
 def resolve_db_path(extra_info: dict[str, Any] | None, db_root: str | os.PathLike[str] | None = None) -> str:
-    """The SQLite file for a sample: ``extra_info["db_path"]`` if it exists, else ``<root>/<db_id>/<db_id>.sqlite``."""
+    """The SQLite file for a sample.
+
+    ``extra_info["db_path"]`` is absolute, or relative to the database root (``data.sql --relative-to``,
+    for clusters that mount the data at different paths); the root is ``db_root`` (the reward kwarg),
+    ``extra_info["db_root"]`` or ``$DYJR_SQL_DB_ROOT``. When that file does not exist (e.g. a parquet made
+    on another machine), ``<root>/<db_id>/<db_id>.sqlite``.
+    """
     info = dict(extra_info or {})
     db_path = info.get("db_path")
-    if db_path and os.path.isfile(db_path):
-        return str(db_path)
     db_id = info.get("db_id")
     root = db_root or info.get("db_root") or os.environ.get("DYJR_SQL_DB_ROOT")
+    if db_path:
+        if not os.path.isabs(db_path) and not root:
+            raise ValueError(
+                f"db_path {db_path!r} is relative to a database root: pass reward kwarg db_root=DIR "
+                "(reward.custom_reward_function.reward_kwargs.db_root) or set DYJR_SQL_DB_ROOT"
+            )
+        cand = Path(root, db_path) if root else Path(db_path)  # Path(root, absolute) is the absolute path
+        if cand.is_file():
+            return str(cand)
     if db_id and root:
         cand = Path(root) / str(db_id) / f"{db_id}.sqlite"
         if cand.is_file():
             return str(cand)
+        if db_path:
+            raise ValueError(f"database not found: neither {Path(root, db_path)} nor {cand} exists")
         raise ValueError(f"database for db_id={db_id!r} not found: {cand} does not exist")
     if db_path:
-        raise ValueError(f"db_path {db_path!r} does not exist and no db_id + db_root is given to fall back on")
+        raise ValueError(f"db_path {str(cand)!r} does not exist and no db_id + db_root is given to fall back on")
     if db_id:
         raise ValueError(f"db_id={db_id!r} needs a database root: pass db_root=... or set DYJR_SQL_DB_ROOT")
     raise ValueError("extra_info must carry 'db_path', or 'db_id' plus a db_root (kwarg or DYJR_SQL_DB_ROOT)")
@@ -734,11 +755,14 @@ def compute_score(
     """Score one response by execution match (verl custom-reward signature).
 
     Keyword options (verl: ``+reward.custom_reward_function.reward_kwargs.<name>=...``):
-        db_root: database root for ``extra_info["db_id"]`` (else ``DYJR_SQL_DB_ROOT``).
+        db_root: database root for a relative ``extra_info["db_path"]`` and for ``extra_info["db_id"]``
+            (else ``DYJR_SQL_DB_ROOT``).
         timeout_s: per-query deadline (default :data:`DEFAULT_TIMEOUT_S`); gold_timeout_s for the gold.
         max_rows: fetch cap (default :data:`DEFAULT_MAX_ROWS`); more rows than that is ``wrong``.
         gold_cache: reuse gold results (default True). reward_values: ``{status: score}`` overrides.
-    Raises ValueError for a missing/empty gold SQL or an unresolvable database (configuration errors).
+        soft_deadline: interrupt queries at ``timeout_s`` before the hard kill (default True).
+    Raises ValueError for a missing/empty gold SQL, an unresolvable database or an unknown keyword
+    (configuration errors; verl's own ``reward_router_address`` / ``reward_model_tokenizer`` are accepted).
     """
     return compute_score_batch([data_source], [solution_str], [ground_truth], [extra_info], **kwargs)[0]
 
