@@ -106,7 +106,7 @@ def test_math_cli_errors(shared_data: Path, tmp_path: Path, capsys: pytest.Captu
     assert "no rows" in _cli_error(dm.main, [ok_src, "-o", str(tmp_path / "x.parquet"), "--limit", "0"], capsys)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "p", "answer": "1"}\n{not json}\n')
-    assert "bad.jsonl:2: invalid JSON" in _cli_error(dm.main, [str(bad), "-o", str(tmp_path / "x.parquet")], capsys)
+    assert "bad.jsonl:2: not a JSON line" in _cli_error(dm.main, [str(bad), "-o", str(tmp_path / "x.parquet")], capsys)
     nokey = tmp_path / "nokey.jsonl"
     nokey.write_text('{"text": "p", "answer": "1"}\n')
     err = _cli_error(dm.main, [str(nokey), "-o", str(tmp_path / "x.parquet")], capsys)

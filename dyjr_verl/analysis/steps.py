@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import math
 import re
 import sys
 from pathlib import Path
 from typing import Iterable
+
+from dyjr_verl.jsonlines import json_lines
 
 Steps = dict[int, dict[str, float]]
 
@@ -108,14 +109,8 @@ def parse_jsonl(lines: Iterable[str], source: str = "<lines>") -> Steps:
     """step -> metrics from the file logger's ``{"step": N, "data": {...}}`` lines (several lines of
     one step merge, as in verl's console). Raises :class:`StepsError` at the first bad line."""
     steps: Steps = {}
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise StepsError(f"{source}:{i}: not a JSON line ({exc.msg}); a run killed mid-write leaves a "
-                             "truncated last line") from None
+    hint = "; a run killed mid-write leaves a truncated last line"
+    for i, record in json_lines(lines, source, StepsError, hint):
         if not (isinstance(record, dict) and isinstance(record.get("step"), int)
                 and isinstance(record.get("data"), dict)):
             raise StepsError(f'{source}:{i}: not a file-logger record {{"step": N, "data": {{...}}}}')

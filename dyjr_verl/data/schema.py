@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from dyjr_verl.jsonlines import json_lines
+
 __all__ = [
     "VERL_COLUMNS",
     "make_row",
@@ -87,13 +89,7 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     if suffix == ".jsonl":
         records = []
         with p.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{p}:{lineno}: invalid JSON ({exc.msg})") from None
+            for lineno, obj in json_lines(fh, str(p)):
                 if not isinstance(obj, dict):
                     raise ValueError(f"{p}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
                 records.append(obj)

@@ -67,6 +67,7 @@ from typing import Any
 
 from dyjr_verl.eval.checkpoint import CheckpointError, resolve_model
 from dyjr_verl.eval.metrics import QuestionResult, pass_at_k_curves, summarise, to_markdown
+from dyjr_verl.jsonlines import json_lines
 
 REWARDS = {"math": "dyjr_verl.rewards.math", "sql": "dyjr_verl.rewards.sql"}
 PLOT = "pass_at_k.png"
@@ -153,14 +154,8 @@ def read_generations(path: Path, reward: str | None) -> tuple[list[dict[str, Any
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
         raise EvalError(f"--generations {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for lineno, q in json_lines(lines, str(path), EvalError):
         where = f"{path}:{lineno}"
-        try:
-            q = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EvalError(f"{where}: not a JSON line ({exc.msg}, column {exc.colno})") from None
         if not isinstance(q, dict):
             raise EvalError(f"{where}: a record is a JSON object, got {type(q).__name__}")
         missing = [k for k in ("benchmark", "index", "ground_truth", "samples") if k not in q]
