@@ -23,7 +23,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dyjr_verl.replay.placement import UpdateShape, place_replay_rows, plan_minibatches
+from dyjr_verl.replay.placement import (
+    UpdateShape, forward_row_multiple, place_replay_rows, plan_minibatches, training_micro_batch,
+)
 
 EXIT_CODE = 2
 
@@ -102,7 +104,7 @@ def build_plan(config: DictConfig) -> Plan:
 
     mode = preflight.trainer_mode(config)
     dynamic = bool(_sel(config, "actor_rollout_ref.actor.use_dynamic_bsz", False))
-    micro = 1 if dynamic else int(_sel(config, "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", 0) or 0)
+    micro = training_micro_batch(_sel(config, "actor_rollout_ref.actor"), actor_dp(config))
     plan = Plan(
         trainer_mode=mode, method=_method(mode), nnodes=int(_sel(config, "trainer.nnodes", 1)),
         gpus_per_node=int(_sel(config, "trainer.n_gpus_per_node", 1)), actor_dp=actor_dp(config),
@@ -125,11 +127,17 @@ def _fill_numbers(plan: Plan, config: DictConfig, dynamic: bool) -> None:
     plan.max_prompt_length = int(_sel(config, "data.max_prompt_length", 0))
     plan.max_response_length = int(_sel(config, "data.max_response_length", 0))
     seq = plan.max_prompt_length + plan.max_response_length
-    plan.fresh_rows_per_step = prompts * n
     plan.minibatch_rows = int(_sel(config, "actor_rollout_ref.actor.ppo_mini_batch_size")) * n
+    # verl's v1 trainer pads the batch with no-op rows to a multiple of lcm(dp, mini-batch rows)
+    multiple = math.lcm(plan.actor_dp, max(1, plan.minibatch_rows))
+    plan.fresh_rows_per_step = multiple * math.ceil(prompts * n / multiple)
+    if plan.fresh_rows_per_step != prompts * n:
+        plan.warnings.append(f"verl pads {prompts * n} rows per step to {plan.fresh_rows_per_step} (a multiple of "
+                             f"lcm(dp, mini-batch rows) = {multiple}) with no-op rows")
     epochs = int(_sel(config, "actor_rollout_ref.actor.ppo_epochs", 1) or 1)
     if not dynamic and plan.micro_batch_rows < 1:
-        plan.errors.append("actor.ppo_micro_batch_size_per_gpu is not set and actor.use_dynamic_bsz is false")
+        plan.errors.append("actor.ppo_micro_batch_size_per_gpu (or the deprecated ppo_micro_batch_size) is not set "
+                           "and actor.use_dynamic_bsz is false")
         return
     shape = UpdateShape(plan.fresh_rows_per_step, plan.minibatch_rows, plan.actor_dp, plan.micro_batch_rows)
     shape_problems = shape.problems()
@@ -179,14 +187,9 @@ def _dyjr(plan: Plan, config: DictConfig, shape: UpdateShape, row_bytes: int, ep
                       "no optimizer steps added")
 
 
-def _forward_multiple(config: DictConfig, dp: int) -> int:
-    if _sel(config, "actor_rollout_ref.actor.use_dynamic_bsz", False):
-        return dp
-    micro = int(_sel(config, "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu", 1) or 1)
-    return dp * micro
-
-
 def _rlep(plan: Plan, config: DictConfig, shape: UpdateShape, row_bytes: int, epochs: int) -> None:
+    from verl.trainer.ppo.utils import need_reference_policy
+
     from dyjr_verl.baselines.config import RLEPConfig
 
     cfg = _node(plan, config, RLEPConfig)
@@ -196,15 +199,16 @@ def _rlep(plan: Plan, config: DictConfig, shape: UpdateShape, row_bytes: int, ep
     replay = prompts * cfg.replay_per_group  # at most: questions missing from the pool get none
     steps, rows = plan_minibatches(
         plan.fresh_rows_per_step, plan.fresh_rows_per_step + replay, rows_per_minibatch=shape.minibatch_rows,
-        row_multiple=shape.row_multiple, batch_multiple=_forward_multiple(config, shape.dp), keep_minibatch_rows=True,
+        row_multiple=shape.row_multiple, keep_minibatch_rows=True,
+        batch_multiple=forward_row_multiple(config, shape.dp, use_reference=need_reference_policy(config)),
     )
     plan.optimizer_steps_per_step = steps * epochs
     plan.replay_rows_per_step, plan.replay_rows_per_minibatch = replay, math.ceil(replay / steps)
     plan.replay_share_configured = plan.replay_share = replay / plan.fresh_rows_per_step
     pool = Path(str(cfg.pool_path or "")).expanduser()
     plan.buffer_bytes_max = pool.stat().st_size if pool.is_file() else None  # the pool file, read once
-    plan.notes.append(f"up to {cfg.replay_per_group} stored answers join each group; mini-batches keep "
-                      f"{shape.minibatch_rows} rows, so {steps} optimizer steps ({steps * rows} rows with padding)")
+    plan.notes.append(f"up to {cfg.replay_per_group} stored answers join each group; they add optimizer steps as "
+                      f"mini-batches of {shape.minibatch_rows} rows would: {steps} steps of {rows} rows (with padding)")
 
 
 def _exgrpo(plan: Plan, config: DictConfig, shape: UpdateShape, row_bytes: int, epochs: int) -> None:

@@ -153,6 +153,10 @@ def model_context(config: DictConfig) -> tuple[int | None, str]:
             data, source = AutoConfig.from_pretrained(path, local_files_only=True).to_dict(), "local HF cache"
         except Exception:
             data = None
+    # verl applies override_config to the model config before the rollout reads the window
+    override = OmegaConf.select(config, "actor_rollout_ref.model.override_config.max_position_embeddings")
+    if override:
+        return int(override), "actor_rollout_ref.model.override_config.max_position_embeddings"
     if data is not None:
         window = data.get("max_position_embeddings") or data.get("n_positions") or data.get("seq_length")
         return (int(window), source) if window else (None, f"{source} has no max_position_embeddings")

@@ -5,6 +5,7 @@ would be ignored or cut is refused with one line before Ray starts."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -239,3 +240,43 @@ def test_main_ppo_refuses_with_one_line(case, fake_inputs):
     assert message in errors[0], errors
     assert "Traceback" not in out.stderr and "ray init kwargs" not in out.stdout
     assert elapsed < 20, f"{elapsed:.1f} s"
+
+
+def test_rlep_minibatches_share_rows_evenly_and_padding_is_dealt():
+    """Few replayed rows: the extra step holds an even share, not 80 real rows and the padding."""
+    from dyjr_verl.trainer.replay_trainer import spread_rows
+
+    steps, rows = plan_minibatches(8192, 8192 + 80, rows_per_minibatch=1024, row_multiple=64, keep_minibatch_rows=True)
+    assert steps == 9 and rows == 64 * math.ceil(8272 / (9 * 64)) and steps * rows >= 8272
+    kinds = [0] * 8192 + [1] * 80 + [2] * (steps * rows - 8272)
+    order = spread_rows(kinds, 8, steps)
+    per_rank, per_mb = len(order) // 8, rows // 8
+    for d in range(8):
+        part = order[d * per_rank : (d + 1) * per_rank]
+        real = [sum(kinds[i] != 2 for i in part[j * per_mb : (j + 1) * per_mb]) for j in range(steps)]
+        assert max(real) - min(real) <= 1, real  # no step made of padding
+    # rows dealt round robin never overflow a mini-batch, whatever the kinds
+    order = spread_rows([1, 2, 0, 0], 1, 4)
+    assert sorted(order) == [0, 1, 2, 3]
+
+
+def test_plan_accepts_what_verl_pads_and_the_deprecated_global_micro_batch(fake_inputs):
+    data = _recipe_overrides("grpo_math", fake_inputs)
+    plan = build_plan(compose("grpo_math", data + ["data.train_batch_size=96"]))  # 768 rows, mini 512
+    assert plan.errors == [] and plan.fresh_rows_per_step == 1024 and plan.optimizer_steps_per_step == 2
+    assert any("verl pads 768 rows per step to 1024" in w for w in plan.warnings)
+    plan = build_plan(compose("dyjr_math", _recipe_overrides("dyjr_math", fake_inputs) + [
+        "actor_rollout_ref.actor.use_dynamic_bsz=false", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=null",
+        "actor_rollout_ref.actor.ppo_micro_batch_size=32"]))
+    assert plan.errors == [] and plan.micro_batch_rows == 4  # 32 over 8 ranks
+
+
+def test_context_override_is_what_verl_uses(fake_inputs, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"max_position_embeddings": 4096}))
+    base = _recipe_overrides("grpo_math", fake_inputs) + [f"actor_rollout_ref.model.path={model}",
+                                                          "data.max_response_length=7168"]
+    assert any("exceeds the model's context window 4096" in e for e in build_plan(compose("grpo_math", base)).errors)
+    plan = build_plan(compose("grpo_math", base + ["+actor_rollout_ref.model.override_config.max_position_embeddings=8192"]))
+    assert plan.errors == [] and plan.model_context == 8192

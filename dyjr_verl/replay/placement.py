@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 #: a placement whose replay share is more than this factor above or below the configured one is an
 #: error (``plan`` and the start-up check say which setting to change); within it, a warning.
@@ -23,11 +24,35 @@ MAX_SHARE_DISTORTION = 2.0
 WARN_SHARE_DEVIATION = 0.10
 
 
+def training_micro_batch(actor: Any, dp: int) -> int:
+    """Rows per training micro-batch on one rank; 1 with token-sized micro-batches. verl still
+    accepts the deprecated global ``ppo_micro_batch_size`` and divides it by dp."""
+    if actor.get("use_dynamic_bsz", False):
+        return 1
+    per_gpu = actor.get("ppo_micro_batch_size_per_gpu")
+    if per_gpu:
+        return int(per_gpu)
+    total = actor.get("ppo_micro_batch_size")
+    return max(1, int(total) // dp) if total else 0
+
+
+def forward_row_multiple(config: Any, dp: int, *, use_reference: bool) -> int:
+    """Rows of a log-prob forward (old / ref log-probs) must split into whole micro-batches on every
+    rank (``prepare_micro_batches`` asserts it) unless micro-batches are sized by tokens."""
+    cfg = config.actor_rollout_ref
+    if cfg.actor.get("use_dynamic_bsz", False):
+        return dp
+    micro = int(cfg.rollout.get("log_prob_micro_batch_size_per_gpu") or 1)
+    if use_reference and not cfg.ref.get("log_prob_use_dynamic_bsz", False):
+        micro = math.lcm(micro, int(cfg.ref.get("log_prob_micro_batch_size_per_gpu") or 1))
+    return dp * micro
+
+
 @dataclass(frozen=True)
 class UpdateShape:
     """What verl's actor update splitting depends on."""
 
-    fresh_rows: int  # train_batch_size x rollout.n
+    fresh_rows: int  # train_batch_size x rollout.n, padded by verl to a multiple of the mini-batch
     minibatch_rows: int  # ppo_mini_batch_size x rollout.n (fresh rows of one optimizer step)
     dp: int  # actor data-parallel ranks
     micro: int  # ppo_micro_batch_size_per_gpu; 1 with use_dynamic_bsz (token-sized micro-batches)
@@ -43,10 +68,8 @@ class UpdateShape:
     def problems(self) -> list[str]:
         """verl's own splitting rules for the fresh rows (it would assert on them later)."""
         out = []
-        if self.minibatch_rows <= 0 or self.fresh_rows % self.minibatch_rows:
-            out.append(f"{self.fresh_rows} fresh rows per step do not split into mini-batches of "
-                       f"{self.minibatch_rows} rows (data.train_batch_size must be a multiple of "
-                       "actor.ppo_mini_batch_size)")
+        if self.minibatch_rows <= 0:
+            out.append(f"actor.ppo_mini_batch_size x rollout.n = {self.minibatch_rows} rows")
         elif self.minibatch_rows % self.row_multiple:
             out.append(f"a mini-batch of {self.minibatch_rows} rows does not split into {self.dp} ranks x "
                        f"micro-batches of {self.micro} (ppo_mini_batch_size x n must be a multiple of "
@@ -122,19 +145,19 @@ def plan_minibatches(
 
     Default: as many optimizer steps as verl takes on the fresh rows
     (``ceil(fresh_rows / rows_per_minibatch)``), each mini-batch grown to hold ``total_rows``.
-    ``keep_minibatch_rows``: mini-batches keep ``rows_per_minibatch`` rows and the replayed rows
-    add optimizer steps (the official RLEP code: 512 x 18 rows in mini-batches of 64 x 16 = 9 steps).
+    ``keep_minibatch_rows``: the replayed rows add optimizer steps, as many as mini-batches of
+    ``rows_per_minibatch`` rows need (the official RLEP code: 512 x 18 rows in mini-batches of
+    64 x 16 = 9 steps), each holding an even share of the rows.
     Rows per mini-batch are rounded up to a multiple of ``row_multiple`` (dp x training micro-batch)
     and the whole batch to a multiple of ``batch_multiple`` (the log-prob passes' split); verl pads
     to steps x rows with no-op rows.
     """
     if keep_minibatch_rows:
-        rows = row_multiple * math.ceil(rows_per_minibatch / row_multiple)
-        steps = max(1, math.ceil(total_rows / rows))
-        while (steps * rows) % batch_multiple:
-            steps += 1
-        return steps, rows
-    steps = max(1, math.ceil(fresh_rows / rows_per_minibatch))
+        # as many steps as mini-batches of rows_per_minibatch rows hold, the rows then shared evenly
+        # by those steps (not a last step of a few real rows and the padding)
+        steps = max(1, math.ceil(total_rows / rows_per_minibatch))
+    else:
+        steps = max(1, math.ceil(fresh_rows / rows_per_minibatch))
     rows = row_multiple * math.ceil(total_rows / (steps * row_multiple))
     while (steps * rows) % batch_multiple:
         rows += row_multiple

@@ -85,7 +85,9 @@ from dyjr_verl.losses.topk_js import (
     record_from_model_output,
 )
 from dyjr_verl.replay.buffer import TimeSensitiveBuffer, Trajectory
-from dyjr_verl.replay.placement import UpdateShape, place_replay_rows, plan_minibatches  # noqa: F401  (re-export)
+from dyjr_verl.replay.placement import (  # noqa: F401  (plan_minibatches: re-export)
+    UpdateShape, forward_row_multiple, place_replay_rows, plan_minibatches, training_micro_batch,
+)
 from dyjr_verl.replay.pools import question_key
 from dyjr_verl.trainer.probe import ProbedSyncTrainer
 from dyjr_verl.trainer.state import buffer_digest
@@ -213,20 +215,12 @@ class ReplayTrainerBase(ProbedSyncTrainer):
     def _update_shape(self, fresh_rows: int) -> UpdateShape:
         """How verl will split this step's actor update (the replay placement depends on it)."""
         actor = self.config.actor_rollout_ref.actor
-        micro = 1 if actor.get("use_dynamic_bsz", False) else int(actor.ppo_micro_batch_size_per_gpu)
+        dp = self._actor_dp_size()
         mini = int(actor.ppo_mini_batch_size) * int(self.config.actor_rollout_ref.rollout.n)
-        return UpdateShape(fresh_rows=fresh_rows, minibatch_rows=mini, dp=self._actor_dp_size(), micro=micro)
+        return UpdateShape(fresh_rows=fresh_rows, minibatch_rows=mini, dp=dp, micro=training_micro_batch(actor, dp))
 
     def _forward_row_multiple(self, dp: int) -> int:
-        """Rows of a log-prob forward (old / ref log-probs) must split into whole micro-batches on
-        every rank (``prepare_micro_batches`` asserts it) unless micro-batches are sized by tokens."""
-        cfg = self.config.actor_rollout_ref
-        if cfg.actor.get("use_dynamic_bsz", False):
-            return dp
-        micro = int(cfg.rollout.get("log_prob_micro_batch_size_per_gpu") or 1)
-        if self.use_reference_policy and not cfg.ref.get("log_prob_use_dynamic_bsz", False):
-            micro = math.lcm(micro, int(cfg.ref.get("log_prob_micro_batch_size_per_gpu") or 1))
-        return dp * micro
+        return forward_row_multiple(self.config, dp, use_reference=self.use_reference_policy)
 
     def _actor_dp_size(self) -> int:
         wg = self.actor_rollout_wg
@@ -563,24 +557,30 @@ def make_replay_row(
     return row, new_tag
 
 
-def spread_rows(is_replay: list[bool], dp: int, num_minibatches: int) -> list[int]:
+def spread_rows(kinds: list[int], dp: int, num_minibatches: int) -> list[int]:
     """A row order that keeps each of the ``dp`` contiguous rank chunks (verl's dp split) and, inside
-    a chunk, deals its replayed rows evenly over its ``num_minibatches`` contiguous mini-batches
-    (verl's split with ``actor.shuffle=False``). Row order is otherwise kept."""
-    n = len(is_replay)
+    a chunk, deals the rows of every non-zero kind (replayed rows, our padding rows; a bool is a
+    kind) evenly over its ``num_minibatches`` contiguous mini-batches (verl's split with
+    ``actor.shuffle=False``), fresh rows (kind 0) filling the rest. Row order is otherwise kept, so
+    no mini-batch ends up with the step's padding and only a few real rows."""
+    n = len(kinds)
     if n % dp or (n // dp) % num_minibatches:
         raise ValueError(f"{n} rows do not split into {dp} ranks x {num_minibatches} equal mini-batches")
     chunk, per = n // dp, n // dp // num_minibatches
     order: list[int] = []
     for d in range(dp):
         idx = range(d * chunk, (d + 1) * chunk)
-        rep = [i for i in idx if is_replay[i]]
-        fresh = [i for i in idx if not is_replay[i]]
-        r = f = 0
-        for j in range(num_minibatches):
-            take = len(rep) // num_minibatches + (1 if j < len(rep) % num_minibatches else 0)
-            order += rep[r : r + take] + fresh[f : f + per - take]
-            r, f = r + take, f + per - take
+        # kind by kind, round robin: each kind spreads evenly and no mini-batch overflows
+        special = [i for kind in sorted({int(kinds[i]) for i in idx} - {0}) for i in idx if kinds[i] == kind]
+        dealt: list[list[int]] = [[] for _ in range(num_minibatches)]
+        for t, i in enumerate(special):
+            dealt[t % num_minibatches].append(i)
+        fresh = [i for i in idx if not kinds[i]]
+        f = 0
+        for rows in dealt:
+            room = per - len(rows)
+            order += rows + fresh[f : f + room]
+            f += room
     return order
 
 
@@ -779,15 +779,15 @@ class GroupReplayTrainer(ReplayTrainerBase):
         if step.replay_keys:
             # verl balanced tokens across dp ranks; inside each rank, spread the replayed rows over
             # the optimizer steps (as whole-group mini-batches would), not all in the last one
-            replay = set(step.replay_keys)
-            batch.reorder(spread_rows([k in replay for k in batch.keys], self._actor_dp_size(), step.num_minibatches))
+            kind = {**{k: 1 for k in step.replay_keys}, **{k: 2 for k in step.padding_keys}}
+            batch.reorder(spread_rows([kind.get(k, 0) for k in batch.keys], self._actor_dp_size(), step.num_minibatches))
         return batch
 
     def _get_required_batch_multiple(self, dp_size: int) -> int:
         step = self._group_step
         if step is None or not step.replay_keys:
             return super()._get_required_batch_multiple(dp_size)
-        # exactly as many optimizer steps as GRPO would take, each one mini_rows rows
+        # the planned steps x rows (plan_minibatches), so verl adds no padding of its own
         return math.lcm(dp_size, step.num_minibatches * step.mini_rows)
 
     def _compute_old_log_prob(self, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
