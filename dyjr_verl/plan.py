@@ -110,9 +110,10 @@ def build_plan(config: DictConfig) -> Plan:
         gpus_per_node=int(_sel(config, "trainer.n_gpus_per_node", 1)), actor_dp=actor_dp(config),
         micro_batch_rows=micro,
     )
-    plan.errors = preflight.check(config)
-    plan.warnings = preflight.config_warnings(config)
-    plan.model_context, plan.model_context_source = preflight.model_context(config)
+    context = preflight.model_context(config)  # read once (a config.json or the HF cache)
+    plan.model_context, plan.model_context_source = context
+    plan.errors = preflight.check(config, context)
+    plan.warnings = preflight.config_warnings(config, context)
     try:
         _fill_numbers(plan, config, dynamic)
     except Exception as exc:  # a config the numbers cannot be read from: the check says why

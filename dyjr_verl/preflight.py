@@ -34,8 +34,9 @@ def _files(value) -> list[str]:
     return [str(v) for v in value]
 
 
-def check(config: DictConfig) -> list[str]:
-    """Every problem found in ``config``, one line each (empty when the run can start)."""
+def check(config: DictConfig, context: tuple[int | None, str] | None = None) -> list[str]:
+    """Every problem found in ``config``, one line each (empty when the run can start).
+    ``context``: :func:`model_context` when the caller has read it already."""
     from dyjr_verl import compat, plugin
 
     problems = list(plugin.LOAD_ERRORS)
@@ -83,7 +84,7 @@ def check(config: DictConfig) -> list[str]:
             )
 
     problems.extend(_check_trainer_mode(config))
-    problems.extend(_check_context(config))
+    problems.extend(_check_context(config, context or model_context(config)))
     node = OmegaConf.select(config, "dyjr")
     topk = []
     if node is not None:
@@ -141,6 +142,10 @@ def model_context(config: DictConfig) -> tuple[int | None, str]:
     table of the recipes' models below."""
     import json
 
+    # verl applies override_config to the model config before the rollout reads the window
+    override = OmegaConf.select(config, "actor_rollout_ref.model.override_config.max_position_embeddings")
+    if override:
+        return int(override), "actor_rollout_ref.model.override_config.max_position_embeddings"
     path = str(OmegaConf.select(config, "actor_rollout_ref.model.path", default=""))
     local = Path(path).expanduser() / "config.json"
     data = None
@@ -153,10 +158,6 @@ def model_context(config: DictConfig) -> tuple[int | None, str]:
             data, source = AutoConfig.from_pretrained(path, local_files_only=True).to_dict(), "local HF cache"
         except Exception:
             data = None
-    # verl applies override_config to the model config before the rollout reads the window
-    override = OmegaConf.select(config, "actor_rollout_ref.model.override_config.max_position_embeddings")
-    if override:
-        return int(override), "actor_rollout_ref.model.override_config.max_position_embeddings"
     if data is not None:
         window = data.get("max_position_embeddings") or data.get("n_positions") or data.get("seq_length")
         return (int(window), source) if window else (None, f"{source} has no max_position_embeddings")
@@ -175,8 +176,8 @@ KNOWN_CONTEXTS = {
 }
 
 
-def _check_context(config: DictConfig) -> list[str]:
-    window, _ = model_context(config)
+def _check_context(config: DictConfig, context: tuple[int | None, str]) -> list[str]:
+    window, _ = context
     if window is None:
         return []
     prompt = int(OmegaConf.select(config, "data.max_prompt_length", default=0) or 0)
@@ -229,7 +230,7 @@ def _check_diagnostics(config: DictConfig, probe_reported: bool = False) -> list
     return []
 
 
-def config_warnings(config: DictConfig) -> list[str]:
+def config_warnings(config: DictConfig, context: tuple[int | None, str] | None = None) -> list[str]:
     """Settings that run but do less than they say (shown by ``plan`` and at start-up)."""
     out = []
     mode = trainer_mode(config)
@@ -237,7 +238,7 @@ def config_warnings(config: DictConfig) -> list[str]:
     if rank_k and mode not in PROBING_MODES:
         out.append(f"diagnostics.rank_k={rank_k} is ignored by trainer mode {mode} (no rank_k/* metrics): "
                    f"use one of {', '.join(PROBING_MODES)}")
-    window, source = model_context(config)
+    window, source = context or model_context(config)
     if window is None:
         out.append(f"prompt + response length not checked against the model's context ({source})")
     return out
