@@ -13,8 +13,6 @@ import torch
 from omegaconf import OmegaConf
 
 import test_replay_loss as trl  # the shared toy policy / verl micro-batch harness (tests/ is on sys.path)
-from verl.utils import tensordict_utils as tu
-from verl.workers.utils.padding import no_padding_2_padding
 
 from dyjr_verl.config import ConfigError, DyJRConfig, JSConfig
 from dyjr_verl.losses.js import f_forward_kl_from_log, f_js_from_log, forward_kl_grad_weight_from_log
@@ -83,13 +81,7 @@ def test_values_exact_near_one_nonnegative_finite_at_the_clamp_and_bf16_upcast()
 
 def forward_kl_reference(model, td, coef, loss_agg_mode="token-mean", log_u_clamp=20.0):
     """coef * mean over replay tokens of u - 1 - log u, by hand (value, flat gradient)."""
-    model.zero_grad(set_to_none=True)
-    rows = [i for i in range(len(td)) if float(td["replay_mask"][i]) > 0.5]
-    sub = tu.index_select_tensor_dict(td, torch.tensor(rows))
-    lp = no_padding_2_padding(model(sub)["log_probs"], sub)
-    pad = sub.select("response_mask", "stored_log_probs").to_padded_tensor()
-    mask = pad["response_mask"].bool()
-    log_u = torch.where(mask, lp - pad["stored_log_probs"].double(), torch.zeros_like(lp)).clamp(-log_u_clamp, log_u_clamp)
+    log_u, mask = trl.replay_log_u(model, td, log_u_clamp)
     u = log_u.exp()
     f = (u - 1 - log_u) * mask
     val = f.sum() / mask.sum() if loss_agg_mode == "token-mean" else (f.sum(-1) / mask.sum(-1)).mean()

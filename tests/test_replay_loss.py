@@ -150,9 +150,8 @@ def engine_grads(model, loss_fn, minibatch, *, micro=1, dp=1, perm=None, entropy
     return torch.stack(rank_grads).mean(0), metrics, losses
 
 
-def replay_reference_grad(model, td, coef, loss_agg_mode="token-mean", log_u_clamp=20.0):
-    """coef * (mean over replay tokens of f_JS) computed by hand (token-mean over replay tokens,
-    or the seq-mean forms over replay rows)."""
+def replay_log_u(model, td, log_u_clamp=20.0):
+    """(clamped log u = log pi_theta - stored, response mask) of the replay rows, padded, by hand."""
     model.zero_grad(set_to_none=True)
     rows = [i for i in range(len(td)) if float(td["replay_mask"][i]) > 0.5]
     sub = tu.index_select_tensor_dict(td, torch.tensor(rows))
@@ -160,6 +159,13 @@ def replay_reference_grad(model, td, coef, loss_agg_mode="token-mean", log_u_cla
     pad = sub.select("response_mask", "stored_log_probs").to_padded_tensor()
     mask = pad["response_mask"].bool()
     log_u = torch.where(mask, lp - pad["stored_log_probs"].double(), torch.zeros_like(lp)).clamp(-log_u_clamp, log_u_clamp)
+    return log_u, mask
+
+
+def replay_reference_grad(model, td, coef, loss_agg_mode="token-mean", log_u_clamp=20.0):
+    """coef * (mean over replay tokens of f_JS) computed by hand (token-mean over replay tokens,
+    or the seq-mean forms over replay rows)."""
+    log_u, mask = replay_log_u(model, td, log_u_clamp)
     f = f_js_from_log(log_u) * mask
     if loss_agg_mode == "token-mean":
         val = f.sum() / mask.sum()
