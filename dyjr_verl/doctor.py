@@ -38,9 +38,14 @@ def _registered(kind: str, name: str) -> bool:
     raise ValueError(f"unknown component kind {kind!r}")
 
 
-#: recipes the README documents; doctor fails when an install lacks any of them
-DOCUMENTED_RECIPES = ("grpo_math", "dyjr_math", "rlep_math", "exgrpo_math", "grpo_sql", "dyjr_sql",
-                      "grpo_tiny_cpu", "dyjr_tiny_cpu")
+def _documented_recipes() -> tuple[str, ...]:
+    from dyjr_verl.methods import METHODS
+
+    return ("grpo_math", "grpo_sql", "grpo_tiny_cpu", *(r for m in METHODS.values() for r in m.recipes))
+
+
+#: recipes the README documents (GRPO's and every method's); doctor fails when an install lacks any
+DOCUMENTED_RECIPES = _documented_recipes()
 
 
 def _recipe_problems() -> list[str]:
@@ -92,6 +97,9 @@ def run() -> int:
 
         print(f"recipes: {recipes_dir()} ({len(recipe_names())})")
     problems.extend(recipe_problems)
+    from dyjr_verl.methods import METHODS
+
+    print("methods: " + ", ".join(f"{m.label} (trainer mode {m.trainer_mode}, node {m.config_node}:)" for m in METHODS.values()))
     print("components:")
     for component in plugin.COMPONENTS:
         if component.cpu_only and not compat.is_active():

@@ -5,7 +5,7 @@ The recipe is composed as ``main_ppo`` composes it (same recipes directory, same
 checked by the same start-up check (:func:`build_plan` is what the hydra callback in every recipe
 runs, so ``main_ppo`` refuses exactly what ``plan`` reports as an error). No Ray, no weights: the
 per-step numbers come from the config alone, with the replay placement the trainers use
-(:mod:`dyjr_verl.replay.placement`). Byte counts are estimates at full prompt + response length.
+(:mod:`dyjr_verl.replay.layout`). Byte counts are estimates at full prompt + response length.
 
     python -m dyjr_verl plan --config-name dyjr_math data.train_files=t.parquet data.val_files=v.parquet \\
         trainer.nnodes=8 trainer.n_gpus_per_node=8 --json
@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dyjr_verl.replay.placement import (
+from dyjr_verl.replay.layout import (
     UpdateShape, forward_row_multiple, place_replay_rows, plan_minibatches, training_micro_batch,
 )
 
@@ -95,7 +95,10 @@ def actor_dp(config: DictConfig) -> int:
 
 
 def _method(mode: str) -> str:
-    return mode if mode in ("dyjr", "rlep", "exgrpo") else "grpo"
+    from dyjr_verl.methods import BASELINE, method_for_mode
+
+    method = method_for_mode(mode)
+    return BASELINE if method is None else method.name
 
 
 def build_plan(config: DictConfig) -> Plan:
@@ -145,24 +148,23 @@ def _fill_numbers(plan: Plan, config: DictConfig, dynamic: bool) -> None:
     plan.errors.extend(shape_problems)
     plan.optimizer_steps_per_step = shape.num_minibatches * epochs
     row_bytes = stored_row_bytes(plan.max_prompt_length, plan.max_response_length)
-    if plan.method != "grpo" and not shape_problems and _sel(config, f"{plan.method}.enable", True):
-        {"dyjr": _dyjr, "rlep": _rlep, "exgrpo": _exgrpo}[plan.method](plan, config, shape, row_bytes, epochs)
+    if plan.method in _METHOD_PLANS and not shape_problems and _sel(config, f"{plan.method}.enable", True):
+        _METHOD_PLANS[plan.method](plan, config, shape, row_bytes, epochs)
     plan.tokens_per_step_max = (plan.fresh_rows_per_step + plan.replay_rows_per_step) * seq
 
 
-def _node(plan: Plan, config: DictConfig, cls: Any) -> Any:
-    from dyjr_verl.config import ConfigError
+def _node(plan: Plan, config: DictConfig) -> Any:
+    from dyjr_verl.methods import METHODS
+    from dyjr_verl.replay.config import ConfigError
 
     try:
-        return cls.from_omegaconf(_sel(config, plan.method), path=plan.method)
+        return METHODS[plan.method].parse(_sel(config, plan.method))
     except ConfigError:
         return None  # its errors are already in plan.errors (the start-up check parsed it too)
 
 
 def _dyjr(plan: Plan, config: DictConfig, shape: UpdateShape, row_bytes: int, epochs: int) -> None:
-    from dyjr_verl.config import DyJRConfig
-
-    cfg = _node(plan, config, DyJRConfig)
+    cfg = _node(plan, config)
     if cfg is None:
         return
     target = cfg.replay.num_rows(plan.fresh_rows_per_step)
@@ -174,15 +176,25 @@ def _dyjr(plan: Plan, config: DictConfig, shape: UpdateShape, row_bytes: int, ep
     plan.replay_share_configured, plan.replay_share = target / plan.fresh_rows_per_step, placement.share
     # every fresh row may be admitted (admit=all; `correct` admits the solved share of them)
     plan.buffer_bytes_per_step = plan.fresh_rows_per_step * row_bytes
-    alive_steps = cfg.buffer.max_age + 1
+    alive_steps = 1 if cfg.buffer.frozen else cfg.buffer.max_age + 1  # frozen: the first step's fill only
     plan.buffer_bytes_max = min(cfg.buffer.capacity, plan.fresh_rows_per_step * alive_steps) * row_bytes
-    if cfg.buffer.capacity < plan.fresh_rows_per_step * cfg.buffer.max_age:
+    if cfg.buffer.frozen:
+        plan.notes.append("dyjr.buffer.frozen: the buffer is filled at the first step only and never refreshed "
+                          "or evicted (a static reference)")
+        if cfg.buffer.max_age != type(cfg.buffer)().max_age:
+            plan.warnings.append(f"dyjr.buffer.max_age={cfg.buffer.max_age} is not used with dyjr.buffer.frozen=true "
+                                 "(nothing is evicted by age)")
+    elif cfg.buffer.capacity < plan.fresh_rows_per_step * cfg.buffer.max_age:
         plan.warnings.append(
             f"dyjr.buffer.capacity={cfg.buffer.capacity} holds {cfg.buffer.capacity / plan.fresh_rows_per_step:.2g} "
             f"steps of admissions at most ({plan.fresh_rows_per_step} fresh rows per step), so "
             f"dyjr.buffer.max_age={cfg.buffer.max_age} may never bind (overflow evicts the oldest)")
     if cfg.js.estimator == "topk":
         plan.topk_record_bytes_per_step = plan.fresh_rows_per_step * plan.max_response_length * (6 * cfg.js.topk_k + 2)
+    if cfg.replay.as_pg:
+        plan.notes.append(f"dyjr.replay.as_pg: replay rows get lambda={cfg.js.coef:g} x the clipped PG term with their "
+                          "stored advantage (no divergence); no optimizer steps added")
+        return
     term = "JS" if cfg.js.divergence == "js" else "forward KL"
     plan.notes.append(f"replay rows get only lambda={cfg.js.coef:g} x {term} ({cfg.js.estimator} estimator); "
                       "no optimizer steps added")
@@ -191,9 +203,7 @@ def _dyjr(plan: Plan, config: DictConfig, shape: UpdateShape, row_bytes: int, ep
 def _rlep(plan: Plan, config: DictConfig, shape: UpdateShape, row_bytes: int, epochs: int) -> None:
     from verl.trainer.ppo.utils import need_reference_policy
 
-    from dyjr_verl.baselines.config import RLEPConfig
-
-    cfg = _node(plan, config, RLEPConfig)
+    cfg = _node(plan, config)
     if cfg is None:
         return
     prompts = plan.fresh_rows_per_step // max(1, int(_sel(config, "actor_rollout_ref.rollout.n", 1)))
@@ -213,9 +223,7 @@ def _rlep(plan: Plan, config: DictConfig, shape: UpdateShape, row_bytes: int, ep
 
 
 def _exgrpo(plan: Plan, config: DictConfig, shape: UpdateShape, row_bytes: int, epochs: int) -> None:
-    from dyjr_verl.baselines.config import ExGRPOConfig
-
-    cfg = _node(plan, config, ExGRPOConfig)
+    cfg = _node(plan, config)
     if cfg is None:
         return
     prompts = plan.fresh_rows_per_step // max(1, int(_sel(config, "actor_rollout_ref.rollout.n", 1)))
@@ -230,6 +238,10 @@ def _exgrpo(plan: Plan, config: DictConfig, shape: UpdateShape, row_bytes: int, 
     plan.buffer_bytes_max = None
     plan.notes.append(f"once fresh accuracy > {cfg.start_accuracy:g}: {questions} of {prompts} questions per step "
                       "come from the pool (K-1 fresh + 1 replayed); the pool is not bounded")
+
+
+#: each method's numbers (names from dyjr_verl.methods.METHODS)
+_METHOD_PLANS = {"dyjr": _dyjr, "rlep": _rlep, "exgrpo": _exgrpo}
 
 
 # ------------------------------------------------------------------------------------------------

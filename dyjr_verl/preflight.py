@@ -16,6 +16,9 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from dyjr_verl.diagnostics.config import bypass_mode, probe_unsupported  # noqa: F401  (re-exported)
+from dyjr_verl.methods import METHODS, RANK_K_TRAINER_MODE
+
 EXIT_CODE = 2
 # Actors that need one logical CPU each besides TransferQueue's storage units: TaskRunner,
 # TQ controller, reward loop worker, agent loop worker, vLLM server.
@@ -85,32 +88,15 @@ def check(config: DictConfig, context: tuple[int | None, str] | None = None) -> 
 
     problems.extend(_check_trainer_mode(config))
     problems.extend(_check_context(config, context or model_context(config)))
-    node = OmegaConf.select(config, "dyjr")
-    topk = []
-    if node is not None:
-        problems.extend(_check_method_node(node))
-        topk = _check_topk_estimator(node, config)
-        problems.extend(topk)
-    problems.extend(_check_baseline_nodes(config))
-    problems.extend(_check_diagnostics(config, probe_reported=bool(topk)))
+    method_problems = _check_method_nodes(config)
+    problems.extend(method_problems)
+    probe_reported = any("old-log-prob forward" in line for line in method_problems)
+    problems.extend(_check_diagnostics(config, probe_reported=probe_reported))
     return problems
 
 
-def bypass_mode(config: DictConfig) -> bool:
-    """verl's rollout-correction bypass mode: old log-probs = rollout log-probs, no forward runs."""
-    corr = OmegaConf.select(config, "algorithm.rollout_correction", default=None)
-    return bool(corr and corr.get("bypass_mode", False))
-
-
-#: trainer modes that run the old-log-prob probe (dyjr_verl/trainer/probe.py and its subclasses)
-PROBING_MODES = ("sync_rank_k", "dyjr", "rlep", "exgrpo")
-#: method node -> the trainer mode that reads it
-METHOD_MODES = {"dyjr": "dyjr", "rlep": "rlep", "exgrpo": "exgrpo"}
-_PAD_TO_LENGTH_KEYS = (
-    "actor_rollout_ref.actor.pad_to_length",
-    "actor_rollout_ref.actor.megatron.pad_to_length",
-    "actor_rollout_ref.actor.veomni.pad_to_length",
-)
+#: trainer modes that run the old-log-prob probe (dyjr_verl/diagnostics/trainer.py and its subclasses)
+PROBING_MODES = (RANK_K_TRAINER_MODE, *(m.trainer_mode for m in METHODS.values()))
 
 
 def trainer_mode(config: DictConfig) -> str:
@@ -124,7 +110,7 @@ def _check_trainer_mode(config: DictConfig) -> list[str]:
     """A method node that is on but that the selected trainer would ignore (plain GRPO would run)."""
     mode = trainer_mode(config)
     problems = []
-    for node_name, wanted in METHOD_MODES.items():
+    for node_name, wanted in ((m.config_node, m.trainer_mode) for m in METHODS.values()):
         node = OmegaConf.select(config, node_name)
         if node is None or not OmegaConf.select(node, "enable", default=True) or mode == wanted:
             continue
@@ -189,33 +175,9 @@ def _check_context(config: DictConfig, context: tuple[int | None, str]) -> list[
     return []
 
 
-def probe_unsupported(config: DictConfig) -> str | None:
-    """Why the old-log-prob probe (Rank-k metrics, DyJR's top-k record; dyjr_verl/losses/probe.py)
-    cannot run with this config; None when it can."""
-    for key in _PAD_TO_LENGTH_KEYS:
-        if OmegaConf.select(config, key, default=False):
-            return f"{key}=true (padded sequences do not reach the logits processor unpadded)"
-    if bypass_mode(config):
-        return "algorithm.rollout_correction.bypass_mode=true (no old-log-prob forward runs)"
-    strategy = OmegaConf.select(config, "actor_rollout_ref.actor.strategy", default="fsdp")
-    if str(strategy) not in ("fsdp", "fsdp2"):
-        return f"actor strategy {strategy!r} (the logits processor needs the FSDP engine)"
-    if OmegaConf.select(config, "actor_rollout_ref.model.use_fused_kernels", default=False):
-        return "actor_rollout_ref.model.use_fused_kernels=true (fused kernels produce no logits)"
-    if OmegaConf.select(config, "distillation.enabled", default=False):
-        return "distillation.enabled=true (verl's distillation loss owns the logits processor)"
-    return None
-
-
-def _check_topk_estimator(node: DictConfig, config: DictConfig) -> list[str]:
-    if OmegaConf.select(node, "js.estimator", default="sampled") != "topk":
-        return []
-    why = probe_unsupported(config)
-    return [f"dyjr.js.estimator=topk needs verl's old-log-prob forward: not with {why}"] if why else []
-
-
 def _check_diagnostics(config: DictConfig, probe_reported: bool = False) -> list[str]:
-    from dyjr_verl.config import ConfigError, DiagnosticsConfig
+    from dyjr_verl.diagnostics.config import DiagnosticsConfig
+    from dyjr_verl.replay.config import ConfigError
 
     try:
         diag = DiagnosticsConfig.from_omegaconf(OmegaConf.select(config, "diagnostics"), path="diagnostics")
@@ -244,36 +206,38 @@ def config_warnings(config: DictConfig, context: tuple[int | None, str] | None =
     return out
 
 
-def _check_method_node(node: DictConfig) -> list[str]:
-    from dyjr_verl.config import ConfigError, DyJRConfig
-
-    try:
-        DyJRConfig.from_omegaconf(node)
-    except ConfigError as exc:
-        return list(exc.errors)  # one line per bad value (str(exc) adds a summary header line)
-    return []
-
-
-def _check_baseline_nodes(config: DictConfig) -> list[str]:
-    """``rlep:`` / ``exgrpo:``: validated when present or when their trainer mode is selected
-    (RLEP cannot run without ``rlep.pool_path``), then checked against the rest of the config."""
-    from dyjr_verl.baselines.config import METHOD_NODES, verl_config_problems
-    from dyjr_verl.config import ConfigError
+def _check_method_nodes(config: DictConfig) -> list[str]:
+    """Every method node (:data:`dyjr_verl.methods.METHODS`): validated when present or when its
+    trainer mode is selected (RLEP cannot run without ``rlep.pool_path``), then, with its trainer
+    mode selected, checked against the rest of the config (a node its mode ignores is refused by
+    :func:`_check_trainer_mode`)."""
+    from dyjr_verl.replay.config import ConfigError
 
     mode = OmegaConf.select(config, "trainer.v1.trainer_mode", default=None)
     problems: list[str] = []
-    for name, cls in METHOD_NODES.items():
-        node = OmegaConf.select(config, name)
-        if node is None and mode != name:
+    for method in METHODS.values():
+        node = OmegaConf.select(config, method.config_node)
+        if node is None and mode != method.trainer_mode:
             continue
         try:
-            parsed = cls.from_omegaconf(node, path=name)
+            parsed = method.parse(node)
         except ConfigError as exc:
-            problems.extend(exc.errors)
+            problems.extend(exc.errors)  # one line per bad value (str(exc) adds a summary header line)
             continue
-        if mode == name:
-            problems.extend(verl_config_problems(name, parsed, config))
+        if mode == method.trainer_mode:
+            problems.extend(parsed.verl_problems(config))
     return problems
+
+
+def _check_method_node(node: DictConfig) -> list[str]:
+    """The ``dyjr:`` node alone (one line per bad value)."""
+    from dyjr_verl.replay.config import ConfigError
+
+    try:
+        METHODS["dyjr"].parse(node)
+    except ConfigError as exc:
+        return list(exc.errors)
+    return []
 
 
 class Preflight(Callback):

@@ -13,8 +13,11 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-# importlib mode puts no test directory on sys.path; the e2e helpers live beside the tests.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# importlib mode puts no test directory on sys.path; the e2e helpers and the TransferQueue stand-in
+# live beside the tests, and some tests share helpers with a test module of another folder.
+_TESTS = Path(__file__).resolve().parent
+for _folder in (_TESTS, _TESTS / "replay", _TESTS / "methods" / "dyjr"):
+    sys.path.insert(0, str(_folder))
 
 
 @pytest.fixture(scope="session")

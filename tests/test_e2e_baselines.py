@@ -17,7 +17,8 @@ import sys
 import pytest
 
 from dyjr_verl.assets.build import AssetSpec, build
-from dyjr_verl.replay.pools import RLEPPool, pool_state_digest
+from dyjr_verl.methods.exgrpo.pool import pool_state_digest
+from dyjr_verl.methods.rlep.pool import RLEPPool
 from e2e_utils import RECIPES, run_main_ppo
 
 pytestmark = pytest.mark.e2e

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from dyjr_verl.analysis.steps import parse_log
-from dyjr_verl.trainer.state import buffer_digest
+from dyjr_verl.methods.dyjr.buffer import buffer_digest
 from e2e_utils import RECIPES, run_main_ppo
 
 pytestmark = pytest.mark.e2e

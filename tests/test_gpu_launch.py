@@ -19,7 +19,7 @@ import pytest
 from dyjr_verl.plan import build_plan, compose
 from dyjr_verl.plan import main as plan_main
 from dyjr_verl.recipes import recipe_names, recipes_dir
-from dyjr_verl.replay.placement import UpdateShape, place_replay_rows, plan_minibatches
+from dyjr_verl.replay.layout import UpdateShape, place_replay_rows, plan_minibatches
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_SCALE = [  # 8 nodes x 8 GPUs, micro-batch 4, 512 prompts x 16 rollouts, mini-batch 64 prompts
@@ -44,7 +44,8 @@ def fake_inputs(tmp_path_factory) -> dict[str, str]:
     """Files the start-up check looks for (it never reads them): data, pool, the tiny model's config."""
     root = tmp_path_factory.mktemp("inputs")
     for rel in ("arith/train.parquet", "arith/test.parquet", "arith/rlep_pool.parquet", "sql/train.parquet",
-                "sql/test.parquet", "train.parquet", "test.parquet", "pool.parquet"):
+                "sql/test.parquet", "train.parquet", "test.parquet", "pool.parquet",
+                "collapse/train.parquet", "collapse/val.parquet", "collapse/rlep_pool.parquet"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(b"")
     (root / "tokenizer-model").mkdir()
@@ -118,6 +119,9 @@ def test_doctor_fails_without_recipes(monkeypatch, capsys):
 def test_plan_every_recipe_at_cluster_shapes(shape, fake_inputs, monkeypatch, capsys):
     """``plan --json`` (the CLI's own entry, in-process) on every recipe; the same object as build_plan."""
     monkeypatch.setenv("DYJR_ASSETS_DIR", fake_inputs["root"])
+    # the *_smollm2_cpu recipes read their model and data from these (docs/collapse.md)
+    monkeypatch.setenv("DYJR_COLLAPSE_DATA", str(Path(fake_inputs["root"]) / "collapse"))
+    monkeypatch.setenv("DYJR_SMOLLM2_DIR", str(Path(fake_inputs["root"]) / "tokenizer-model"))
     for name in recipe_names():
         overrides = _recipe_overrides(name, fake_inputs) + SHAPES[shape]
         if name.endswith("_cpu") and shape != "recipe_default":
@@ -244,7 +248,7 @@ def test_main_ppo_refuses_with_one_line(case, fake_inputs):
 
 def test_rlep_minibatches_share_rows_evenly_and_padding_is_dealt():
     """Few replayed rows: the extra step holds an even share, not 80 real rows and the padding."""
-    from dyjr_verl.trainer.replay_trainer import spread_rows
+    from dyjr_verl.replay.layout import spread_rows
 
     steps, rows = plan_minibatches(8192, 8192 + 80, rows_per_minibatch=1024, row_multiple=64, keep_minibatch_rows=True)
     assert steps == 9 and rows == 64 * math.ceil(8272 / (9 * 64)) and steps * rows >= 8272

@@ -21,7 +21,7 @@ The contract (verl 0.9.1, verl/workers/engine/megatron/transformer_impl.py, PP l
 When megatron-core imports here (``pip install "dyjr-verl[megatron]"``, or megatron-core alone: the
 engine module imports on CPU), the tests also drive verl's own ``postprocess_micro_batch_func`` and
 megatron-core's own ``forward_step_calc_loss``; the model forward (a GPTModel with vocab-parallel
-logits) is the only part replaced, by the toy policy of test_replay_loss.py.
+logits) is the only part replaced, by the toy policy of tests/replay/test_loss.py.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from test_recipes import RECIPES
-from test_replay_loss import (
+from test_loss import (
     TinyPolicy,
     add_normalizers,
     close,
@@ -54,8 +54,9 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.engine.utils import detach_tree, postprocess_batch_func, prepare_micro_batches
 from verl.workers.utils.losses import ppo_loss
 
-from dyjr_verl.config import DyJRConfig
-from dyjr_verl.losses.replay_loss import ReplayLossSpec, make_replay_loss_fn
+from dyjr_verl.methods.dyjr.config import DyJRConfig
+from dyjr_verl.methods.dyjr.divergence import dyjr_loss_spec
+from dyjr_verl.replay.terms import ReplayLossSpec, make_replay_loss_fn
 from dyjr_verl.preflight import check
 
 MEGATRON_RECIPES = {"grpo_math_megatron": "grpo_math", "dyjr_math_megatron": "dyjr_math"}
@@ -268,7 +269,7 @@ def test_fresh_rows_reproduce_verl_ppo_loss_through_the_megatron_convention(impl
     _, actor = megatron_actor_cfg
     model = TinyPolicy()
     td = add_normalizers(make_batch(replay_rows=()), mini_batch_size=8)
-    fn = make_replay_loss_fn(actor, ReplayLossSpec.from_dyjr_config(DyJRConfig.from_dict({"js": {"coef": 0.1}})))
+    fn = make_replay_loss_fn(actor, dyjr_loss_spec(DyJRConfig.from_dict({"js": {"coef": 0.1}})))
     ours, our_out, our_micro = megatron_grads(impl, model, fn, td.copy(), **split)
     theirs, their_out, _ = megatron_grads(impl, model, _ppo(actor), td.copy(), **split)
     assert torch.equal(ours, theirs) and torch.isfinite(ours).all() and ours.abs().sum() > 0
@@ -289,7 +290,7 @@ def test_fresh_rows_reproduce_verl_ppo_loss_through_the_megatron_convention(impl
                                            (2, {"max_tokens": 10})])
 def test_replay_rows_contribute_lambda_f_js_through_the_megatron_convention(impl, dp, split, megatron_actor_cfg):
     cfg, actor = megatron_actor_cfg
-    spec = ReplayLossSpec.from_dyjr_config(DyJRConfig.from_omegaconf(cfg.dyjr))
+    spec = dyjr_loss_spec(DyJRConfig.from_omegaconf(cfg.dyjr))
     assert spec.kind == "js"  # the sampled estimator: no logits-processor call on Megatron
     coef = spec.resolved_coef
     model = TinyPolicy()
@@ -299,7 +300,7 @@ def test_replay_rows_contribute_lambda_f_js_through_the_megatron_convention(impl
     expected = fresh_reference_grad(model, actor, td) + replay_reference_grad(model, td, coef)
     assert close(g, expected)
     assert not close(g, fresh_reference_grad(model, actor, td))  # the replay rows do contribute
-    # the FSDP engine's convention (test_replay_loss.engine_grads) gives the same update
+    # the FSDP engine's convention (tests/replay/test_loss.py: engine_grads) gives the same update
     fsdp, _, _ = engine_grads(model, make_replay_loss_fn(actor, spec), td, micro=2 if dp == 1 else 1, dp=dp)
     assert close(g, fsdp)
     # what the engine consumes: a float loss per micro-batch and per-micro-batch metric lists

@@ -286,7 +286,7 @@ class FakeProcesses:
             (out / "rank_k.json").write_text(json.dumps({"rank_k/p1": 0.8, "rank_k/entropy": 0.5}))
             (out / "generations.jsonl").write_text("{}")
             return ProcResult(0, 30.0, None, False)
-        if "dyjr_verl.baselines.rlep_collect" in cmd:
+        if "dyjr_verl.methods.rlep.collect" in cmd:
             self.calls.append("collect")
             Path(cmd[cmd.index("--out") + 1]).write_text("pool")
             log_path.write_text('rlep_collect: {"pool_questions": 12}\n')
@@ -504,7 +504,7 @@ def test_every_override_exists_in_the_composed_recipes(tmp_path, monkeypatch):
     recipe (and every ablation variant) with the launcher's exact overrides."""
     from hydra import compose, initialize_config_dir
 
-    from dyjr_verl.config import DyJRConfig
+    from dyjr_verl.methods.dyjr.config import DyJRConfig
 
     monkeypatch.setenv("DYJR_ASSETS_DIR", str(tmp_path))
     recipes = mini.recipes_dir()

@@ -22,7 +22,7 @@ def test_import_verl_is_light_and_registration_is_lazy():
     out = _py(
         """
         import sys, verl
-        heavy = [m for m in ("verl.trainer.ppo.v1", "vllm", "dyjr_verl.trainer.replay_trainer")
+        heavy = [m for m in ("verl.trainer.ppo.v1", "vllm", "dyjr_verl.replay.update_strategy")
                  if m in sys.modules]
         print("heavy", heavy)
         from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY      # triggers the hook
@@ -77,7 +77,8 @@ def test_doctor_fails_when_a_component_is_missing():
 def test_registration_survives_importing_our_trainer_modules_first():
     # Importing a trainer module before verl's v1 package used to run the registration hook while
     # replay_trainer was half initialised: rlep/exgrpo failed to register (a circular import).
-    for first in ("dyjr_verl.trainer.replay_trainer", "dyjr_verl.trainer.rlep", "dyjr_verl.trainer.exgrpo"):
+    for first in ("dyjr_verl.replay.update_strategy", "dyjr_verl.methods.rlep.trainer", "dyjr_verl.methods.exgrpo.trainer",
+                  "dyjr_verl.replay.group_strategy", "dyjr_verl.diagnostics.trainer", "dyjr_verl.methods.dyjr.trainer"):
         out = _py(
             f"""
             import {first}

