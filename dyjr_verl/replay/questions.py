@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["plain", "normalise_messages", "question_key"]
+__all__ = ["KeyedByQuestion", "plain", "normalise_messages", "question_key"]
 
 
 def plain(x: Any) -> Any:
@@ -58,3 +58,17 @@ def question_key(raw_prompt: Any, data_source: Any = None) -> str:
         ensure_ascii=False, sort_keys=True, default=str, separators=(",", ":"),
     )
     return hashlib.sha1(payload.encode("utf-8")).hexdigest()[:16]
+
+
+class KeyedByQuestion:
+    """A store keyed by :func:`question_key`: ``len`` counts its questions, ``in`` tests a key.
+    Subclasses name their question dict in :meth:`_by_question`."""
+
+    def _by_question(self) -> Mapping[str, Any]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self._by_question())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._by_question()

@@ -74,6 +74,15 @@ def _mask_rows(mask: Optional[torch.Tensor], lead: tuple, device) -> Optional[to
     return torch.nonzero(mask.reshape(-1).to(device).bool(), as_tuple=False).reshape(-1)
 
 
+def _masked_jsd(lead: tuple, record: TopKRecord, mask: Optional[torch.Tensor], device, stats) -> torch.Tensor:
+    """JSD at the masked positions of ``lead``: ``stats(ids [n, k], rows)`` is the kernel call (from
+    logits or from hidden states); unmasked positions are 0."""
+    _check_record(record, lead)
+    n, k = math.prod(lead), record.ids.shape[-1]
+    rows = _mask_rows(mask, lead, device)
+    return _scatter_rows(_jsd_rows(stats(record.ids.reshape(n, k), rows), record, rows, n, k), rows, lead)
+
+
 def topk_jsd(
     logits: torch.Tensor,
     record: TopKRecord,
@@ -88,21 +97,11 @@ def topk_jsd(
     the stored record, on the support ``{record ids} U {rest}``. Only positions with ``mask`` True
     are computed (the kernel never reads the others: NaN logits there are harmless); they are 0
     and get no gradient."""
-    vocab = logits.shape[-1]
     lead = tuple(logits.shape[:-1])
-    _check_record(record, lead)
-    n, k = math.prod(lead), record.ids.shape[-1]
-    rows = _mask_rows(mask, lead, logits.device)
-    out = topk_log_softmax(
-        logits.reshape(n, vocab),
-        record.ids.reshape(n, k),
-        temperature=temperature,
-        rows=rows,
-        backend=backend,
-        chunk_size=chunk_size,
-        block_elems=block_elems,
-    )
-    return _scatter_rows(_jsd_rows(out, record, rows, n, k), rows, lead)
+    flat = logits.reshape(math.prod(lead), logits.shape[-1])
+    return _masked_jsd(lead, record, mask, logits.device, lambda ids, rows: topk_log_softmax(
+        flat, ids, temperature=temperature, rows=rows, backend=backend, chunk_size=chunk_size,
+        block_elems=block_elems))
 
 
 def topk_jsd_from_hidden(
@@ -117,19 +116,9 @@ def topk_jsd_from_hidden(
 ) -> torch.Tensor:
     """:func:`topk_jsd` with ``logits = hidden @ weight.T`` formed chunk by chunk (no logits)."""
     lead = tuple(hidden.shape[:-1])
-    _check_record(record, lead)
-    n, k = math.prod(lead), record.ids.shape[-1]
-    rows = _mask_rows(mask, lead, hidden.device)
-    out = topk_log_softmax_from_hidden(
-        hidden.reshape(n, hidden.shape[-1]),
-        weight,
-        record.ids.reshape(n, k),
-        temperature=temperature,
-        rows=rows,
-        chunk_size=chunk_size,
-        block_elems=block_elems,
-    )
-    return _scatter_rows(_jsd_rows(out, record, rows, n, k), rows, lead)
+    flat = hidden.reshape(math.prod(lead), hidden.shape[-1])
+    return _masked_jsd(lead, record, mask, hidden.device, lambda ids, rows: topk_log_softmax_from_hidden(
+        flat, weight, ids, temperature=temperature, rows=rows, chunk_size=chunk_size, block_elems=block_elems))
 
 
 def topk_js_loss(

@@ -29,6 +29,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from dyjr_verl.replay.questions import KeyedByQuestion
+
 __all__ = [
     "BUCKET_WEIGHTINGS",
     "bucket_weight",
@@ -148,7 +150,7 @@ class _Question:
     seen: set = field(default_factory=set)
 
 
-class ExperiencePool:
+class ExperiencePool(KeyedByQuestion):
     """Ex-GRPO's experience pool: questions bucketed by their latest k, correct trajectories with
     recorded log-probs, retirement of solved questions (see the module docstring).
 
@@ -192,12 +194,8 @@ class ExperiencePool:
         return {"stored": 0, "duplicates": 0, "retired": 0, "updated_questions": 0, "new_questions": 0}
 
     # -- queries -----------------------------------------------------------------------------
-    def __len__(self) -> int:
-        """Questions in the pool (retired ones excluded)."""
-        return len(self._questions)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._questions
+    def _by_question(self) -> dict:
+        return self._questions  # retired questions are not in it: len() excludes them
 
     @property
     def num_trajectories(self) -> int:

@@ -17,13 +17,15 @@ from typing import Any, Optional
 
 import numpy as np
 
+from dyjr_verl.replay.questions import KeyedByQuestion
+
 __all__ = ["RLEP_POOL_COLUMNS", "RLEPPool"]
 
 RLEP_POOL_COLUMNS = ("question_key", "data_source", "index", "num_samples", "num_correct", "candidates")
 _RLEP_META_KEY = b"dyjr_verl.rlep_pool"
 
 
-class RLEPPool:
+class RLEPPool(KeyedByQuestion):
     """question key -> verified-correct answer strings (RLEP's offline experience pool).
 
     ``min_correct`` is the admission rule (RLEP: >= 2 correct answers out of N samples); it is
@@ -41,11 +43,8 @@ class RLEPPool:
         }
         self.dropped = sum(1 for v in entries.values() if len(v) < self.min_correct)
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._entries
+    def _by_question(self) -> dict:
+        return self._entries
 
     @property
     def num_candidates(self) -> int:
