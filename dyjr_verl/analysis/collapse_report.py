@@ -24,7 +24,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from dyjr_verl.analysis.report import Column, _kept_reading, group_runs, method_table, plot_over_steps
+from dyjr_verl.analysis.report import Column, _kept_reading, band, group_runs, method_table, plot_over_steps, save_figure
 from dyjr_verl.experiments.collapse_config import ABLATIONS, LABELS, MAIN_METHODS
 from dyjr_verl.experiments.records import load_runs
 
@@ -110,9 +110,7 @@ def plot_pass_at_k(groups: dict[str, list[dict[str, Any]]], out: Path) -> bool:
         vals = [[r["eval"][f"pass@{k}"] for r in runs] for k in ks]
         mean = [statistics.fmean(v) for v in vals]
         sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
-        line, = ax.plot(ks, mean, lw=1.6, label=f"{LABELS.get(label, label)} (n={len(runs)})")
-        ax.fill_between(ks, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
-                        color=line.get_color(), alpha=0.18, lw=0)
+        band(ax, ks, mean, sd, f"{LABELS.get(label, label)} (n={len(runs)})")
         drawn = True
     if drawn:
         ax.set_xscale("log", base=2)
@@ -121,10 +119,9 @@ def plot_pass_at_k(groups: dict[str, list[dict[str, Any]]], out: Path) -> bool:
         ax.set_title("final policy, held-out test questions", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=110)
-    plt.close(fig)
+        save_figure(fig, out)
+    else:
+        plt.close(fig)
     return drawn
 
 

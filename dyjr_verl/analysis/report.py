@@ -189,6 +189,23 @@ def series(runs: list[dict[str, Any]], key: str, smooth: int = 1) -> tuple[list[
     return common, means, stds
 
 
+def band(ax: Any, xs: Sequence[float], mean: Sequence[float], sd: Sequence[float], label: str, color: Any = None) -> Any:
+    """A mean line with a +- sd band in the line's colour (seeds' spread in every report plot)."""
+    line, = ax.plot(xs, mean, color=color, lw=1.6, label=label)
+    ax.fill_between(xs, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
+                    color=line.get_color(), alpha=0.18, lw=0)
+    return line
+
+
+def save_figure(fig: Any, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def plot_over_steps(groups: dict[str, list[dict[str, Any]]], panels: Sequence[tuple[str, str]], out: Path,
                     smooth: int = 1, labels: dict[str, str] | None = None) -> list[str]:
     """One panel per (metric key, title), one line per method (mean over seeds, ± std band). Returns
@@ -213,18 +230,13 @@ def plot_over_steps(groups: dict[str, list[dict[str, Any]]], panels: Sequence[tu
             xs, mean, std = s
             color = colors[i % len(colors)]
             n = len(groups[label])
-            ax.plot(xs, mean, color=color, lw=1.6, label=f"{label_of(label, labels)} (n={n})")
-            ax.fill_between(xs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], color=color,
-                            alpha=0.18, lw=0)
+            band(ax, xs, mean, std, f"{label_of(label, labels)} (n={n})", color=color)
         ax.set_title(title + (f" ({smooth}-step moving avg)" if smooth > 1 else ""), fontsize=10)
         ax.set_xlabel("training step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out)
     return [t for _, t in shown]
 
 
