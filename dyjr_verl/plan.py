@@ -29,19 +29,24 @@ from dyjr_verl.replay.layout import (
 
 EXIT_CODE = 2
 
-# Bytes a stored trajectory takes per token (estimate): verl's v1 row keeps input_ids, attention_mask
-# and position_ids (int64) over prompt + response, and responses / response_mask / loss_mask (int64)
-# plus six fp32 per-token fields (log-probs, advantages, returns, scores, rewards, stored log-probs)
-# over the response; the buffer adds numpy copies of prompt and response ids (int64), mask and
-# log-probs.
-_SEQ_BYTES = 3 * 8
-_RESPONSE_BYTES = 3 * 8 + 6 * 4
-_COPY_PROMPT_BYTES, _COPY_RESPONSE_BYTES = 8, 8 + 8 + 4
+# Bytes per token of a stored trajectory, the replay core's compact copy (replay.rows.Trajectory):
+# prompt ids (int64, as verl holds them) over the prompt; response ids and response mask (int64) and
+# the recorded log-prob (fp32) over the response. Python object overhead (~1 KiB a row) is left out.
+_PROMPT_TOKEN_BYTES = 8
+_RESPONSE_TOKEN_BYTES = 8 + 8 + 4
 
 
-def stored_row_bytes(prompt_len: int, response_len: int) -> int:
-    return ((prompt_len + response_len) * _SEQ_BYTES + response_len * _RESPONSE_BYTES
-            + prompt_len * _COPY_PROMPT_BYTES + response_len * _COPY_RESPONSE_BYTES)
+def record_bytes_per_token(record_k: int) -> int:
+    """A top-k record's bytes per position (``6k + 2``: int32 ids, bf16 log-probs and rest); 0 for k = 0."""
+    from dyjr_verl.diagnostics.topk_record import topk_record_bytes_per_token
+
+    return topk_record_bytes_per_token(record_k) if record_k else 0
+
+
+def stored_row_bytes(prompt_len: int, response_len: int, record_k: int = 0) -> int:
+    """Bytes of one stored trajectory (tokens, mask, log-probs and, for ``record_k`` > 0, its top-k
+    record, stored at the response length: jagged)."""
+    return prompt_len * _PROMPT_TOKEN_BYTES + response_len * (_RESPONSE_TOKEN_BYTES + record_bytes_per_token(record_k))
 
 
 @dataclass
@@ -66,9 +71,12 @@ class Plan:
     model_context: int | None = None
     model_context_source: str = ""
     tokens_per_step_max: int = 0
-    buffer_bytes_per_step: int = 0  # what one step adds to the method's store (upper bound)
+    buffer_bytes_per_step: int = 0  # what one step adds to the method's store = one stored step (upper bound)
     buffer_bytes_max: int | None = 0  # the store's bound (None: grows with training; 0: no store)
-    topk_record_bytes_per_step: int = 0
+    buffer_capacity: int | None = None  # rows (DyJR: dyjr.buffer.capacity, or derived from max_age when null)
+    topk_record_bytes_per_step: int = 0  # of buffer_bytes_per_step: the admitted rows' top-k records
+    topk_probe_bytes_per_step: int = 0  # the old-log-prob probe's record outputs through TransferQueue
+    topk_replay_bytes_per_step: int = 0  # the records written back on the step's replayed rows
     notes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -79,6 +87,13 @@ class Plan:
 
 def _sel(config: DictConfig, key: str, default: Any = None) -> Any:
     return OmegaConf.select(config, key, default=default)
+
+
+def rollouts_per_step(config: Any) -> int | None:
+    """Trajectories one step generates (``data.train_batch_size`` x ``rollout.n``; verl's no-op
+    padding rows are never admitted to a store); None for a config without a batch size."""
+    prompts = _sel(config, "data.train_batch_size")
+    return None if prompts is None else int(prompts) * int(_sel(config, "actor_rollout_ref.rollout.n", 1) or 1)
 
 
 def actor_dp(config: DictConfig) -> int:
@@ -164,6 +179,8 @@ def _node(plan: Plan, config: DictConfig) -> Any:
 
 
 def _dyjr(plan: Plan, config: DictConfig, shape: UpdateShape, row_bytes: int, epochs: int) -> None:
+    from dyjr_verl.methods.dyjr.config import resolved_capacity
+
     cfg = _node(plan, config)
     if cfg is None:
         return
@@ -174,23 +191,35 @@ def _dyjr(plan: Plan, config: DictConfig, shape: UpdateShape, row_bytes: int, ep
     plan.warnings.extend(warnings)
     plan.replay_rows_per_step, plan.replay_rows_per_minibatch = placement.rows, placement.per_minibatch
     plan.replay_share_configured, plan.replay_share = target / plan.fresh_rows_per_step, placement.share
-    # every fresh row may be admitted (admit=all; `correct` admits the solved share of them)
-    plan.buffer_bytes_per_step = plan.fresh_rows_per_step * row_bytes
+    record_k = int(cfg.js.topk_k) if cfg.js.estimator == "topk" else 0
+    row_bytes = stored_row_bytes(plan.max_prompt_length, plan.max_response_length, record_k)  # with the record
+    rows = rollouts_per_step(config)
+    # every rollout may be admitted (admit=all; `correct` admits the solved share of them)
+    plan.buffer_bytes_per_step = rows * row_bytes
+    plan.buffer_capacity = resolved_capacity(cfg.buffer, rows)
     alive_steps = 1 if cfg.buffer.frozen else cfg.buffer.max_age + 1  # frozen: the first step's fill only
-    plan.buffer_bytes_max = min(cfg.buffer.capacity, plan.fresh_rows_per_step * alive_steps) * row_bytes
+    plan.buffer_bytes_max = min(plan.buffer_capacity, rows * alive_steps) * row_bytes
+    if cfg.buffer.capacity is None:
+        plan.notes.append(f"dyjr.buffer.capacity=null: {plan.buffer_capacity} rows = "
+                          f"{1 if cfg.buffer.frozen else cfg.buffer.max_age} x {rows} rollouts per step")
     if cfg.buffer.frozen:
         plan.notes.append("dyjr.buffer.frozen: the buffer is filled at the first step only and never refreshed "
                           "or evicted (a static reference)")
         if cfg.buffer.max_age != type(cfg.buffer)().max_age:
             plan.warnings.append(f"dyjr.buffer.max_age={cfg.buffer.max_age} is not used with dyjr.buffer.frozen=true "
                                  "(nothing is evicted by age)")
-    elif cfg.buffer.capacity < plan.fresh_rows_per_step * cfg.buffer.max_age:
+    elif plan.buffer_capacity < rows * cfg.buffer.max_age:
         plan.warnings.append(
-            f"dyjr.buffer.capacity={cfg.buffer.capacity} holds {cfg.buffer.capacity / plan.fresh_rows_per_step:.2g} "
-            f"steps of admissions at most ({plan.fresh_rows_per_step} fresh rows per step), so "
-            f"dyjr.buffer.max_age={cfg.buffer.max_age} may never bind (overflow evicts the oldest)")
-    if cfg.js.estimator == "topk":
-        plan.topk_record_bytes_per_step = plan.fresh_rows_per_step * plan.max_response_length * (6 * cfg.js.topk_k + 2)
+            f"dyjr.buffer.capacity={plan.buffer_capacity} holds {plan.buffer_capacity / rows:.2g} "
+            f"steps of admissions at most ({rows} rollouts per step), so dyjr.buffer.max_age={cfg.buffer.max_age} "
+            "may never bind (overflow evicts from the oldest step); capacity=null derives it from max_age")
+    if record_k:
+        per_token = record_bytes_per_token(record_k)
+        plan.topk_record_bytes_per_step = rows * plan.max_response_length * per_token
+        # verl's processor outputs are per packed position: every row, prompt positions included
+        plan.topk_probe_bytes_per_step = (plan.fresh_rows_per_step * (plan.max_prompt_length + plan.max_response_length)
+                                          * per_token)
+        plan.topk_replay_bytes_per_step = plan.replay_rows_per_step * plan.max_response_length * per_token
     if cfg.replay.as_pg:
         plan.notes.append(f"dyjr.replay.as_pg: replay rows get lambda={cfg.js.coef:g} x the clipped PG term with their "
                           "stored advantage (no divergence); no optimizer steps added")
@@ -284,8 +313,10 @@ def render(plan: Plan, name: str) -> str:
         f"  lengths               prompt {plan.max_prompt_length} + response {plan.max_response_length} "
         f"= {plan.max_prompt_length + plan.max_response_length}; context {ctx}",
         f"  tokens / step (max)   {plan.tokens_per_step_max:,}",
-        f"  store / step (max)    {_bytes(plan.buffer_bytes_per_step)}; store bound {_bytes(plan.buffer_bytes_max)}",
-        f"  top-k record / step   {_bytes(plan.topk_record_bytes_per_step)}",
+        f"  store / step (max)    {_bytes(plan.buffer_bytes_per_step)}; store bound {_bytes(plan.buffer_bytes_max)}"
+        + (f" ({plan.buffer_capacity} rows)" if plan.buffer_capacity is not None else ""),
+        f"  top-k record / step   stored {_bytes(plan.topk_record_bytes_per_step)}; probe output "
+        f"{_bytes(plan.topk_probe_bytes_per_step)}; on replayed rows {_bytes(plan.topk_replay_bytes_per_step)}",
     ]
     lines += [f"  note: {n}" for n in plan.notes]
     lines += [f"dyjr-verl: warning: {w}" for w in plan.warnings]

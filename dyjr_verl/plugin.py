@@ -46,7 +46,7 @@ def _components() -> tuple[Component, ...]:
     v1 = "verl.trainer.ppo.v1"
     return (
         Component("platform", "cpu", "dyjr_verl.compat.cpu_platform", None, cpu_only=True),
-        Component("policy_loss", "dyjr_js", "dyjr_verl.methods.dyjr.divergence", "verl.trainer.ppo.core_algos"),
+        Component("policy_loss", "dyjr_js", "dyjr_verl.methods.dyjr.policy_loss", "verl.trainer.ppo.core_algos"),
         Component("trainer", RANK_K_TRAINER_MODE, RANK_K_TRAINER_MODULE, v1),
         *(Component("trainer", m.trainer_mode, m.trainer_module, v1) for m in METHODS.values()),
         Component("reward", "dyjr_verl.rewards.math", "dyjr_verl.rewards.math", None),

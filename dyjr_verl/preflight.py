@@ -90,6 +90,7 @@ def check(config: DictConfig, context: tuple[int | None, str] | None = None) -> 
     problems.extend(_check_context(config, context or model_context(config)))
     method_problems = _check_method_nodes(config)
     problems.extend(method_problems)
+    problems.extend(_check_resume(config))
     probe_reported = any("old-log-prob forward" in line for line in method_problems)
     problems.extend(_check_diagnostics(config, probe_reported=probe_reported))
     return problems
@@ -203,7 +204,29 @@ def config_warnings(config: DictConfig, context: tuple[int | None, str] | None =
     window, source = context or model_context(config)
     if window is None:
         out.append(f"prompt + response length not checked against the model's context ({source})")
+    out.extend(_method_warnings(config, mode))
     return out
+
+
+def _selected_method(config: DictConfig, mode: str):
+    """(method, its parsed node) of the trainer mode ``mode``; None for verl's own modes and for a
+    node that does not parse (reported by :func:`_check_method_nodes`)."""
+    from dyjr_verl.methods import method_for_mode
+    from dyjr_verl.replay.config import ConfigError
+
+    method = method_for_mode(mode)
+    if method is None:
+        return None
+    try:
+        return method, method.parse(OmegaConf.select(config, method.config_node))
+    except ConfigError:
+        return None
+
+
+def _method_warnings(config: DictConfig, mode: str) -> list[str]:
+    """The selected method node's ``verl_warnings(config)``."""
+    selected = _selected_method(config, mode)
+    return selected[1].verl_warnings(config) if selected else []
 
 
 def _check_method_nodes(config: DictConfig) -> list[str]:
@@ -227,6 +250,46 @@ def _check_method_nodes(config: DictConfig) -> list[str]:
         if mode == method.trainer_mode:
             problems.extend(parsed.verl_problems(config))
     return problems
+
+
+def _check_resume(config: DictConfig) -> list[str]:
+    """The checkpoint verl would resume from against the selected method's config: its replay state's
+    fingerprint (the JSON beside it) must match, and a checkpoint without replay state needs
+    ``resume_empty``. The trainer checks the state again on load (:mod:`dyjr_verl.replay.base`);
+    here a mismatch is one line before Ray starts instead of a Ray stack trace."""
+    from dyjr_verl.replay.checkpoint import (
+        BUFFER_CKPT_NAME, ReplayStateError, check_fingerprint, missing_state_error, read_fingerprint,
+        replay_state_folder, resume_folder, start_empty_remedy,
+    )
+    from dyjr_verl.replay.config import replay_setting
+
+    selected = _selected_method(config, trainer_mode(config))
+    trainer = OmegaConf.select(config, "trainer")
+    if selected is None or trainer is None or trainer.get("resume_mode") is None:
+        return []
+    method, parsed = selected
+    folder = resume_folder(trainer)
+    if folder is None:
+        return []
+    if not os.path.isdir(folder):  # resume_path only: `auto` finds completed checkpoints
+        return [f"trainer.resume_from_path does not exist: {folder}"]
+    step = folder.split("global_step_")[-1]
+    if not step.isdigit() or int(step) <= 0:
+        return []  # verl refuses it itself / nothing to resume (as the trainer's load)
+    state_folder = replay_state_folder(folder)
+    pickle_path = os.path.join(state_folder, BUFFER_CKPT_NAME)
+    empty_ok, empty_key = replay_setting(parsed, "resume_empty", method.config_node)
+    try:
+        saved = read_fingerprint(state_folder)
+        if saved is not None:
+            check_fingerprint(saved, parsed.replay_fingerprint(), pickle_path,
+                              f"resume with the settings it was saved with, or {start_empty_remedy(empty_key)}")
+        elif not os.path.exists(pickle_path) and not empty_ok:
+            raise missing_state_error(int(step), pickle_path, empty_key)
+    except ReplayStateError as exc:
+        return [str(exc)]
+    # a pickle without the JSON (an older writer): the trainer checks the pickle's own fingerprint
+    return []
 
 
 def _check_method_node(node: DictConfig) -> list[str]:

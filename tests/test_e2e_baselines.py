@@ -96,7 +96,7 @@ def test_exgrpo_builds_a_pool_and_replays_lowest_entropy_trajectories(assets, tm
     assert sum(m["exgrpo/pool/bucket/1"] + m["exgrpo/pool/bucket/2"] + m["exgrpo/pool/bucket/3"] for m in steps) > 0
     assert max(_series(run, "training/rollout_probs_diff_mean")) < 0.05
 
-    with open(tmp_path / "checkpoints" / "global_step_5" / "dyjr_replay_state.pkl", "rb") as f:
+    with open(tmp_path / "checkpoints" / "global_step_5" / "actor" / "dyjr_replay_state.pkl", "rb") as f:
         state = pickle.load(f)
     assert state["extra"]["active"] is True and len(state["store"]["questions"]) == steps[-1]["exgrpo/pool/questions"]
     assert pool_state_digest(state["store"])

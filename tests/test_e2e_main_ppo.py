@@ -92,7 +92,7 @@ def test_dyjr_tiny_recipe_replays_through_the_js_term(assets, tmp_path):
 
     # resume from the step-3 checkpoint: the restored buffer is identical to the saved one
     ckpt = tmp_path / "checkpoints" / "global_step_3"
-    with open(ckpt / "dyjr_replay_state.pkl", "rb") as f:
+    with open(ckpt / "actor" / "dyjr_replay_state.pkl", "rb") as f:
         saved = pickle.load(f)
     resumed = run_main_ppo(
         "dyjr_tiny_cpu", assets, tmp_path / "resume",

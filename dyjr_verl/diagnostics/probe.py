@@ -17,9 +17,10 @@ calls itself (per-token record outputs, which verl writes to TransferQueue; Rank
 loss metrics, which verl hands back in the output meta's ``extra_info["metrics"]``); otherwise it
 delegates unchanged, so the actor update is byte-for-byte the wrapped loss.
 
-Only response positions are computed (``rows=``), with the chunked kernel
-(:func:`dyjr_verl.kernels.topk_log_softmax`: one streamed pass for top-r + entropy, no ``[N, V]``
-fp32 copy). Sequence parallel: the sums are this rank's slice (the record is gathered by verl).
+Only response positions are computed (``rows=``: the kernel reads them in place, no ``[M, V]``
+copy of the selected logits), with the chunked kernel (:func:`dyjr_verl.kernels.topk_log_softmax`:
+one streamed pass for top-r + entropy, no ``[N, V]`` fp32 copy). Sequence parallel: the sums are
+this rank's slice (the record is gathered by verl).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from dyjr_verl.diagnostics.topk_record import (
+    RECORD_LOGP_DTYPE,
     TOPK_RECORD_FLAG,
     TOPK_RECORD_PREFIX,
     build_topk_record,
@@ -78,11 +80,13 @@ def probe_logits(student_logits: torch.Tensor, data, *, backend: str = "auto") -
     rows, _, _ = response_positions(data, n_local, device)
     outputs: dict[str, torch.Tensor] = {}
     if record_k > 0:
-        rec = build_topk_record(logits[rows], record_k, dtype=torch.float32, backend=backend)
-        ids = torch.zeros((n_local, record_k), dtype=torch.long, device=device)
-        logp = torch.zeros((n_local, record_k), dtype=torch.float32, device=device)
-        rest = torch.zeros(n_local, dtype=torch.float32, device=device)
-        ids[rows], logp[rows], rest[rows] = rec.ids.long(), rec.logp.float(), rec.log_rest.float()
+        # rows=: the kernel reads the response rows in place (no [M, V] copy); the outputs travel in
+        # the stored record's dtypes (int32 ids, bf16 log-probs: 6k + 2 bytes per position)
+        rec = build_topk_record(logits, record_k, rows=rows, dtype=RECORD_LOGP_DTYPE, backend=backend)
+        ids = torch.zeros((n_local, record_k), dtype=torch.int32, device=device)
+        logp = torch.zeros((n_local, record_k), dtype=RECORD_LOGP_DTYPE, device=device)
+        rest = torch.zeros(n_local, dtype=RECORD_LOGP_DTYPE, device=device)
+        ids[rows], logp[rows], rest[rows] = rec.ids, rec.logp, rec.log_rest
         outputs.update({f"{TOPK_RECORD_PREFIX}id{i}": ids[:, i][None] for i in range(record_k)})
         outputs.update({f"{TOPK_RECORD_PREFIX}logp{i}": logp[:, i][None] for i in range(record_k)})
         outputs[f"{TOPK_RECORD_PREFIX}log_rest"] = rest[None]

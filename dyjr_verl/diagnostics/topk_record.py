@@ -18,6 +18,7 @@ from dyjr_verl.kernels.topk_logsoftmax import LOG_REST_FLOOR, topk_log_softmax
 
 __all__ = [
     "LOG_PROB_FLOOR",
+    "RECORD_LOGP_DTYPE",
     "TOPK_RECORD_FLAG",
     "TOPK_RECORD_PREFIX",
     "TopKRecord",
@@ -36,6 +37,8 @@ LOG_PROB_FLOOR = LOG_REST_FLOOR
 #: record pass: non-tensor micro-batch flag (int k > 0) and the per-token output keys
 TOPK_RECORD_FLAG = "dyjr_topk_record_k"
 TOPK_RECORD_PREFIX = "dyjr_topk_rec_"
+#: dtype of a record's log-probs and log rest mass as the probe emits and the buffer stores them
+RECORD_LOGP_DTYPE = torch.bfloat16
 
 
 class TopKRecord(NamedTuple):
@@ -47,6 +50,11 @@ class TopKRecord(NamedTuple):
     log_rest: torch.Tensor
 
 
+#: elements of the logits one ``topk`` call reads at a time when ``rows`` are selected (the
+#: selected rows are gathered block by block: 2^22 elements = 8 MiB of bf16, ~27 rows at V = 152k)
+TOPK_GATHER_ELEMS = 1 << 22
+
+
 @torch.no_grad()
 def build_topk_record(
     logits: torch.Tensor,
@@ -54,22 +62,36 @@ def build_topk_record(
     *,
     temperature: float = 1.0,
     dtype: torch.dtype = torch.bfloat16,
+    rows: Optional[torch.Tensor] = None,
     backend: str = "auto",
     row_chunk: int = 4096,
 ) -> TopKRecord:
     """The top-k record of ``softmax(logits / temperature)`` at every position of ``logits``
-    ``[..., V]``: ids of the k largest logits (int32, descending), their log-probs and the log rest
-    mass (by exclusion, accurate when the top-k hold ~all the mass), both in ``dtype``. Use the
-    sampling temperature: the record must describe the distribution the tokens were drawn from."""
+    ``[..., V]`` (or, with ``rows``, 1-D indices into the flattened leading dims, at those positions
+    only: the record is then ``[M, k]``, and no ``[M, V]`` copy of the selected rows is made): ids
+    of the k largest logits (int32, descending), their log-probs and the log rest mass (by
+    exclusion, accurate when the top-k hold ~all the mass), both in ``dtype``. Use the sampling
+    temperature: the record must describe the distribution the tokens were drawn from."""
     vocab = logits.shape[-1]
     if not (1 <= k <= vocab):
         raise ValueError(f"k must be in [1, {vocab}], got {k}")
-    lead = tuple(logits.shape[:-1])
     x = logits.reshape(-1, vocab)
-    ids = torch.empty((x.shape[0], k), dtype=torch.long, device=x.device)
-    for r0 in range(0, x.shape[0], row_chunk):  # bounded topk workspace
-        ids[r0 : r0 + row_chunk] = x[r0 : r0 + row_chunk].topk(k, dim=-1).indices
-    out = topk_log_softmax(x, ids, temperature=temperature, backend=backend)
+    if rows is None:
+        lead, n, chunk = tuple(logits.shape[:-1]), x.shape[0], row_chunk
+    else:
+        rows = torch.as_tensor(rows, device=x.device).reshape(-1).long()
+        lead, n = (rows.numel(),), rows.numel()
+        chunk = max(1, min(row_chunk, TOPK_GATHER_ELEMS // vocab))  # gathered blocks stay small
+    ids = torch.empty((n, k), dtype=torch.long, device=x.device)
+    for r0 in range(0, n, chunk):  # bounded topk workspace
+        block = x[r0 : r0 + chunk] if rows is None else x.index_select(0, rows[r0 : r0 + chunk])
+        ids[r0 : r0 + chunk] = block.topk(k, dim=-1).indices
+    if rows is None:
+        out = topk_log_softmax(x, ids, temperature=temperature, backend=backend)
+    else:  # the kernel reads only the selected rows (its ids argument spans every row)
+        every = torch.zeros((x.shape[0], k), dtype=torch.long, device=x.device)
+        every[rows] = ids
+        out = topk_log_softmax(x, every, temperature=temperature, rows=rows, backend=backend)
     return TopKRecord(
         ids.to(torch.int32).reshape(*lead, k),
         out.logp.to(dtype).reshape(*lead, k),

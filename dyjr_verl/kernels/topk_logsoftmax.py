@@ -30,7 +30,12 @@ input gradient block by block::
 
 so the only ``[N, V]`` tensor ever allocated is the gradient itself (in the logits' dtype); block
 temporaries are bounded by ``block_elems`` (default ``clamp(N*V/128, 2^18, 2^23)`` elements, i.e. about
-2 fp32 words + 1 byte per element of that block).
+2 fp32 words + 1 byte per element of that block). With ``rows`` the selected rows are read in place
+(``index_select`` one block at a time, never an ``[M, V]`` copy), but the gradient is still the
+full ``[N, V]`` (zero outside ``rows``): autograd wants a dense gradient of the input's shape, and
+every consumer upstream (the engine's temperature division, the LM head's matmul backward) needs a
+dense ``dL/dz`` anyway, into which verl's own ``[N, V]`` log-prob gradient is summed. A row-sparse
+gradient would need sparse support in each of those backward functions, so it is not offered.
 
 Backends (same API, same outputs):
 

@@ -3,7 +3,7 @@
 :class:`ReplayTrainerBase` is verl's ``PPOTrainerSync`` (through
 :class:`~dyjr_verl.diagnostics.trainer.ProbedSyncTrainer`: the ``"sync"`` masquerade and the Rank-k
 probe) plus what every replay method shares: its typed config node, its store and RNG
-(checkpointed beside verl's checkpoint, :mod:`.checkpoint`), the replay-aware loss installation
+(checkpointed inside verl's checkpoint, :mod:`.checkpoint`), the replay-aware loss installation
 (:mod:`.loss`), the mini-batch growth and the actor's data-parallel shape. It has no defaults of
 any method: a method sets :attr:`config_class` and implements :meth:`build_store` and
 :meth:`loss_spec`.
@@ -31,7 +31,11 @@ from transfer_queue import KVBatchMeta
 
 from dyjr_verl import plugin
 from dyjr_verl.diagnostics.trainer import ProbedSyncTrainer
-from dyjr_verl.replay.checkpoint import load_replay_state, restore_store, save_replay_state
+from dyjr_verl.replay.checkpoint import (
+    check_fingerprint, load_replay_state, missing_state_error, replay_state_folder, restore_store, save_replay_state,
+    resume_folder, start_empty_remedy,
+)
+from dyjr_verl.replay.config import replay_setting, run_seed
 from dyjr_verl.replay.layout import UpdateShape, forward_row_multiple, training_micro_batch
 from dyjr_verl.replay.terms import ReplayLossSpec, make_replay_loss_fn
 
@@ -50,7 +54,9 @@ class ReplayTrainerBase(ProbedSyncTrainer):
 
     def __init__(self, config: DictConfig):
         self.method_config = self.config_class.from_omegaconf(config.get(self.config_node), path=self.config_node)
-        self._replay_rng = np.random.default_rng(self.replay_seed())
+        seed, source = self.replay_seed(config)
+        print(f"{self.config_node}: replay seed {seed} ({source})", flush=True)
+        self._replay_rng = np.random.default_rng(seed)
         self.store = self.build_store()
         super().__init__(config)
 
@@ -67,8 +73,14 @@ class ReplayTrainerBase(ProbedSyncTrainer):
         """The ``set_loss_fn`` loss for ``spec`` (a method with its own loss entry point overrides it)."""
         return make_replay_loss_fn(actor_cfg, spec)
 
-    def replay_seed(self) -> int:
-        return int(self.method_config.replay.seed)
+    def replay_setting(self, name: str) -> tuple[Any, str]:
+        """(value, full key) of one of the method's replay settings (``seed``, ``resume_empty``)."""
+        return replay_setting(self.method_config, name, self.config_node)  # as the start-up check reads it
+
+    def replay_seed(self, config: DictConfig) -> tuple[int, str]:
+        """(seed, where it comes from): the method's seed when set, else the run's (:func:`run_seed`)."""
+        seed, key = self.replay_setting("seed")
+        return (int(seed), key) if seed is not None else run_seed(config)
 
     def replay_enabled(self) -> bool:
         return bool(self.method_config.enable)
@@ -79,6 +91,13 @@ class ReplayTrainerBase(ProbedSyncTrainer):
     def store_digest(self, state: dict) -> str:
         """Content digest of a saved store state (printed on resume; tests compare it)."""
         return ""
+
+    def state_fingerprint(self) -> dict[str, Any]:
+        """What the saved rows mean and how they are laid out; a resume with another fingerprint is
+        refused at start-up (:mod:`dyjr_verl.preflight`, from the config alone) and again at load,
+        instead of failing later while building replay rows. Settings the store re-applies on load
+        (capacity, ages, replay size) are not in it. The method's config node computes it."""
+        return self.method_config.replay_fingerprint()
 
     def extra_state(self) -> dict[str, Any]:
         """Method state saved beside the store (e.g. Ex-GRPO's activation flag)."""
@@ -142,23 +161,33 @@ class ReplayTrainerBase(ProbedSyncTrainer):
 
     # -- checkpointing -----------------------------------------------------------------------------------
     def _save_checkpoint(self):
-        super()._save_checkpoint()
-        folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
-        state = {"store": self.store.state_dict(), "rng": self._replay_rng.bit_generator.state}
+        # first: verl's save ends with its completion marker, so no checkpoint it resumes from lacks
+        # our state; inside actor/, which verl's rotation deletes and its Megatron manager uploads
+        step_folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
+        state = {"store": self.store.state_dict(), "rng": self._replay_rng.bit_generator.state,
+                 "fingerprint": self.state_fingerprint()}
         extra = self.extra_state()
         if extra:
             state["extra"] = extra
-        save_replay_state(folder, state)
+        save_replay_state(replay_state_folder(step_folder), state)
+        super()._save_checkpoint()
 
     def _load_checkpoint(self):
         super()._load_checkpoint()
         if self.global_steps <= 0:
             return
-        path, state = load_replay_state(self._resumed_folder())
+        empty_ok, empty_key = self.replay_setting("resume_empty")
+        start_empty = start_empty_remedy(empty_key)
+        path, state = load_replay_state(replay_state_folder(self._resumed_folder()))
         if state is None:
-            logger.warning(f"resumed at step {self.global_steps} without a replay store checkpoint: starting empty")
+            if not empty_ok:
+                raise missing_state_error(self.global_steps, path, empty_key)
+            print(f"WARNING: {self.config_node}: resumed at step {self.global_steps} without {path}: the replay store "
+                  f"starts empty ({empty_key}=true)", flush=True)
             return
-        restore_store(self.store, state, path)
+        check_fingerprint(state, self.state_fingerprint(), path,
+                          f"resume with the settings it was saved with, or {start_empty}")
+        restore_store(self.store, state, path, start_empty)
         self._replay_rng.bit_generator.state = state["rng"]
         self.load_extra_state(state.get("extra", {}))
         # printed (not logged) so that the driver's log always shows it; tests compare it
@@ -166,14 +195,7 @@ class ReplayTrainerBase(ProbedSyncTrainer):
               f"restored_digest={self.store_digest(self.store.state_dict())}", flush=True)
 
     def _resumed_folder(self) -> str:
-        trainer = self.config.trainer
-        if trainer.resume_mode == "resume_path":
-            folder = trainer.resume_from_path
-        else:
-            folder = os.path.join(trainer.default_local_dir, f"global_step_{self.global_steps}")
-        if not os.path.isabs(folder):
-            folder = os.path.join(os.getcwd(), folder)
-        return folder
+        return resume_folder(self.config.trainer)  # the folder verl's _load_checkpoint has just loaded
 
 
 plugin.register_pending(__name__)  # last: see dyjr_verl/plugin.py

@@ -27,7 +27,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Mapping, Optional, Union
 
-__all__ = ["ConfigError", "Checker", "ConfigNode", "ReplayConfig", "critic_free_problems"]
+__all__ = ["ConfigError", "Checker", "ConfigNode", "ReplayConfig", "critic_free_problems", "replay_setting", "run_seed"]
 
 
 class ConfigError(ValueError):
@@ -247,6 +247,11 @@ class ConfigNode:
         """One line per setting of this (parsed) node that contradicts the rest of verl's config."""
         return []
 
+    def verl_warnings(self, config: Any) -> list[str]:
+        """One line per setting of this (parsed) node that runs but works against the method with the
+        rest of verl's config (``plan`` and start-up print them)."""
+        return []
+
     default_path: ClassVar[str] = ""
 
 
@@ -262,14 +267,19 @@ class ReplayConfig(ConfigNode):
     size: an int >= 0 is a row count; a float in (0, 1] is a fraction of the fresh batch rows
         (YAML ``1`` means one row, ``1.0`` means the whole fresh batch).
     min_buffer: rows the buffer must hold before replay starts.
-    seed: seed of the sampling RNG.
+    seed: seed of the replay sampling RNG; null derives it from the run's seed (``data.seed``, else
+        ``actor_rollout_ref.rollout.seed``), so runs with different seeds replay different rows.
+    resume_empty: a resume from a verl checkpoint without replay state starts with an empty store
+        (and a warning); false refuses it, because the resumed run would silently differ from an
+        uninterrupted one.
     """
 
     default_path: ClassVar[str] = "replay"
 
     size: Union[int, float] = 0.125
     min_buffer: int = 0
-    seed: int = 0
+    seed: Optional[int] = None
+    resume_empty: bool = False
 
     def check(self, c: Checker) -> None:
         if c.ok("size"):
@@ -279,6 +289,8 @@ class ReplayConfig(ConfigNode):
             else:
                 c.ge("size", self.size, 0)
         c.ge("min_buffer", self.min_buffer, 0)
+        if self.seed is not None:
+            c.ge("seed", self.seed, 0)  # numpy seeds are non-negative
 
     def num_rows(self, fresh_rows: int, multiple: int = 1) -> int:
         """Replay rows for a step with ``fresh_rows`` fresh rows, floored to ``multiple``.
@@ -290,6 +302,28 @@ class ReplayConfig(ConfigNode):
             raise ValueError(f"multiple must be >= 1, got {multiple}")
         n = int(math.floor(self.size * fresh_rows)) if isinstance(self.size, float) else int(self.size)
         return (n // multiple) * multiple
+
+
+def replay_setting(method_config: ConfigNode, name: str, node: str) -> tuple[Any, str]:
+    """(value, full key) of one of a method's replay settings (``seed``, ``resume_empty``) in its
+    parsed config node ``node``: on its ``replay:`` child when it has one (``dyjr.replay.seed``),
+    else on the method node itself (``rlep.seed``)."""
+    replay = getattr(method_config, "replay", None)
+    if isinstance(replay, ReplayConfig):
+        return getattr(replay, name), f"{node}.replay.{name}"
+    return getattr(method_config, name), f"{node}.{name}"
+
+
+def run_seed(config: Any) -> tuple[int, str]:
+    """(seed, key) of the run in verl 0.9.1's config, which has no ``trainer.seed``: ``data.seed`` (its
+    only run-level seed, the data shuffle), else ``actor_rollout_ref.rollout.seed`` (vLLM sampling)."""
+    from omegaconf import OmegaConf
+
+    for key in ("data.seed", "actor_rollout_ref.rollout.seed"):
+        value = OmegaConf.select(config, key, default=None)
+        if value is not None:
+            return int(value), key
+    return 0, "no seed in the config"
 
 
 def critic_free_problems(name: str, config: Any) -> list[str]:

@@ -196,7 +196,7 @@ class GroupReplayTrainer(ReplayTrainerBase):
     def step_fields(self) -> list[str]:
         """Fields of every row read once before the update (``GroupStep.data``): what the loss
         fields need; a method that needs more in :meth:`after_group_step` adds them."""
-        return ["response_mask", "old_log_probs"] if self.replay_loss_installed else []
+        return ["response_mask", "loss_mask", "old_log_probs"] if self.replay_loss_installed else []
 
     # -- internals -----------------------------------------------------------------------------------
     def _inject_group_rows(self, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
@@ -295,7 +295,7 @@ class GroupReplayTrainer(ReplayTrainerBase):
         """The replay-aware loss's fields on every row (:func:`dyjr_verl.replay.rows.loss_fields`)."""
         pid = batch.partition_id
         data = step.data if step is not None and step.data is not None else self.tq.kv_batch_get(
-            keys=batch.keys, partition_id=pid, select_fields=["response_mask", "old_log_probs"])
+            keys=batch.keys, partition_id=pid, select_fields=["response_mask", "loss_mask", "old_log_probs"])
         stored = step.stored if step is not None else {}
         masks = data["response_mask"].unbind(0)
         logprobs = [stored.get(key, old.float()) for key, old in zip(batch.keys, data["old_log_probs"].unbind(0), strict=True)]
@@ -307,6 +307,7 @@ class GroupReplayTrainer(ReplayTrainerBase):
         fields = loss_fields(
             [key in stored for key in batch.keys], [int(m.sum()) for m in masks], logprobs,
             mini_batch_size=mini, dp_size=self._actor_dp_size(), shuffle=bool(self.config.actor_rollout_ref.actor.shuffle),
+            loss_tokens=[int(m.sum()) for m in data["loss_mask"].unbind(0)],  # verl's token-mean count
         )
         meta = self.tq.kv_batch_put(keys=batch.keys, partition_id=pid, fields=TensorDict(fields, batch_size=[len(batch)]))
         return KVBatchMeta(

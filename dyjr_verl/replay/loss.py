@@ -28,8 +28,10 @@ its rows; with replay rows mixed in they would dilute the fresh PG loss and vice
 trainer writes, on each row, the counts of the optimizer mini-batch that row is trained in, summed
 over all dp ranks:
 
-* ``fresh_tokens_in_minibatch`` / ``replay_tokens_in_minibatch``: sum of ``response_mask`` over
-  fresh / replay rows (used by ``token-mean``);
+* ``fresh_tokens_in_minibatch``: sum of ``loss_mask`` over fresh rows, what verl's engine counts
+  for ``batch_num_tokens`` (with rollout rejection sampling, rejected tokens leave ``response_mask``
+  but stay in ``loss_mask``); ``replay_tokens_in_minibatch``: sum of ``response_mask`` over replay
+  rows, the tokens of the replay term (both used by ``token-mean``);
 * ``fresh_seqs_in_minibatch`` / ``replay_seqs_in_minibatch``: number of fresh / replay rows,
   padding rows counted as fresh, so the two add up to verl's ``global_batch_size`` (used by the
   ``seq-mean-*`` modes). ``token-sum`` needs neither.
@@ -43,17 +45,33 @@ every micro-batch split, row order and dp size. :func:`minibatch_normalizer_fiel
 fields: exact for verl's layout with ``actor.shuffle=False`` (the default: the batch is cut into
 ``dp`` contiguous chunks, each cut into contiguous mini-batches of ``mini_batch_size / dp`` rows),
 or, with ``shuffle=True``, per-step means (constant over the step, still split-invariant).
-A count of 0 is treated as 1 (its numerator is 0 too). ``normalizer='joint'`` (Ex-GRPO's single
-normaliser) uses verl's scalars for both parts and needs no extra fields.
+A count of 0 is treated as 1 (its numerator is 0 too). The fields are float64 (exact counts).
+``normalizer='joint'`` (Ex-GRPO's single normaliser) uses verl's scalars for both parts and needs no
+extra fields.
+
+PG diagnostics. ``ppo_loss`` reports its policy-loss metrics (``actor/ppo_kl``, ``actor/pg_clipfrac``,
+``actor/pg_clipfrac_lower``, bypass mode's ``rollout_corr/...``) as per-micro-batch token means that
+verl averages over micro-batches, so a micro-batch of replay rows only would add a 0. With
+``fresh_response_tokens_in_minibatch`` present (sum of ``response_mask`` over fresh rows) each
+micro-batch's value is weighted by its share of the mini-batch's fresh tokens and aggregated with
+SUM: the logged token means are those of ``ppo_loss`` on the mini-batch's fresh rows alone (exactly,
+for every micro-batch split and dp size; statistics that are not token means over ``response_mask``,
+such as bypass mode's maxima, become fresh-token-weighted means of the micro-batch values; bypass
+mode's per-sequence statistics, e.g. ``rollout_corr/training_ppl``, still count a mixed
+micro-batch's replay rows as empty sequences), and a
+micro-batch without fresh tokens adds nothing (it runs ``ppo_loss`` on its replay rows' masks,
+since verl's bypass-mode loss refuses an all-zero mask, and keeps neither loss nor metrics).
 
 Metrics (keys prefixed ``replay/``; verl adds its ``actor/`` prefix when logging): ``rows``,
 ``tokens``, ``fresh_tokens`` (per-rank counts, summed over micro-batches), ``loss`` (coef x term)
 and ``term`` (the aggregated replay term), ``coef``, and token means over replay tokens: ``u_mean``,
-``u_outside`` (share of u outside [0.5, 2]), ``drift`` (mean |log u|, what an adaptive store
+``u_outside`` (share of u outside [0.5, 2]), ``u_above_10`` (share of u > 10: where a weight cap
+binds), ``drift`` (mean |log u|, what an adaptive store
 reads back), ``weight_mean`` (the term's per-token diagnostic). The token
 means are exact mini-batch means when ``replay_tokens_in_minibatch`` is present (each micro-batch reports
 ``local_sum * dp_size / count`` with SUM aggregation); otherwise they are averages of
-per-micro-batch means (micro-batches without replay tokens report 0).
+per-micro-batch means (micro-batches without replay tokens report 0). ``u_max``: the largest u
+over the replay tokens (MAX over micro-batches and ranks; 0 without replay tokens).
 """
 
 from __future__ import annotations
@@ -65,6 +83,7 @@ import torch
 from tensordict import TensorDict
 
 from dyjr_verl.replay.rows import (
+    FRESH_RESPONSE_TOKENS_KEY,
     FRESH_SEQS_KEY,
     FRESH_TOKENS_KEY,
     NORMALIZER_KEYS,
@@ -75,7 +94,7 @@ from dyjr_verl.replay.rows import (
 )
 from dyjr_verl.replay.terms import ReplayLossSpec
 
-__all__ = ["replay_aware_loss", "row_flags", "minibatch_count", "dense"]
+__all__ = ["replay_aware_loss", "row_flags", "minibatch_count", "fresh_token_weighted", "dense"]
 
 _TOKEN_MODES = ("token-mean",)
 _SEQ_MODES = ("seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -108,8 +127,8 @@ def minibatch_count(data: TensorDict, key: str) -> Optional[float]:
         return None
     v = data[key]
     if getattr(v, "is_nested", False):
-        raise ValueError(f"'{key}' must be a dense float32 (B,) tensor, got a nested tensor")
-    v = v.detach().float().reshape(-1)
+        raise ValueError(f"'{key}' must be a dense float64 (B,) tensor, got a nested tensor")
+    v = v.detach().to("cpu", torch.float64).reshape(-1)  # exact counts; B values, read on the host
     if v.numel() == 0:
         return None
     lo, hi = float(v.min()), float(v.max())
@@ -145,6 +164,28 @@ def _fit_width(x: torch.Tensor, width: int) -> torch.Tensor:
     if t > width:
         return x[:, :width]
     return torch.nn.functional.pad(x, (0, width - t))
+
+
+def fresh_token_weighted(metrics: Mapping[str, Any], local_tokens: float, global_tokens: Optional[float],
+                         dp_size: int) -> dict[str, Any]:
+    """``ppo_loss``'s metrics for verl's aggregation: the MEAN-aggregated (per-micro-batch) ones
+    re-emitted with SUM aggregation, weighted by this micro-batch's share of the mini-batch's fresh
+    tokens (``dp_size`` cancels verl's mean over dp ranks), so that verl's aggregate is the
+    fresh-token mean (unweighted without the global count); every metric 0 without a fresh token.
+    The keys stay the same in every micro-batch (verl aggregates them per position across ranks)."""
+    from verl.utils.metric import AggregationType, Metric
+
+    out: dict[str, Any] = {}
+    for key, metric in metrics.items():
+        if isinstance(metric, Metric):
+            weigh = global_tokens is not None and metric.aggregation == AggregationType.MEAN
+            scale = local_tokens * dp_size / global_tokens if weigh else 1.0
+            kept = Metric(AggregationType.SUM if weigh else metric.aggregation)
+            for value in metric.values:
+                kept.append(float(value) * scale if local_tokens > 0 else 0.0)
+            metric = kept
+        out[key] = metric
+    return out
 
 
 def _global_info_metric_type(dp_size: int, batch_num_tokens: Any, global_batch_size: Any, config: Any):
@@ -243,27 +284,33 @@ def replay_aware_loss(
         fresh_seqs = replay_seqs = verl_seqs
 
     # -- fresh rows: verl's own ppo_loss -------------------------------------------------------
-    if n_replay_rows == 0 and not separate:
-        fresh_data = data
-    else:
-        fresh_data = data.copy()  # shallow: tensors shared, keys replaceable
-        if n_replay_rows:
-            fresh_data["response_mask"] = _zero_rows(data["response_mask"], keep_fresh)
-        if separate:
-            tu.assign_non_tensor(fresh_data, batch_num_tokens=fresh_tokens, global_batch_size=fresh_seqs)
-    fresh_loss, metrics = ppo_loss(config, model_output, fresh_data, dp_group)
-    metrics = dict(metrics)
-
-    # -- replay rows: the replay term only -----------------------------------------------------
-    agg_type = _global_info_metric_type(dp_size, verl_tokens, verl_seqs, config)
     resp_mask_all = data["response_mask"]
     if getattr(resp_mask_all, "is_nested", False):
         resp_mask_all = resp_mask_all.to_padded_tensor(0)
     row_tokens = resp_mask_all.float().reshape(bsz, -1).sum(dim=-1)
     n_replay_tokens = float(row_tokens[is_replay.to(row_tokens.device)].sum()) if n_replay_rows else 0.0
     n_fresh_tokens = float(row_tokens.sum()) - n_replay_tokens
+    # without a fresh token, ppo_loss runs on the replay rows' masks (verl's bypass-mode loss refuses
+    # an all-zero mask) and none of it is kept: loss x 0, metrics 0 (fresh_token_weighted)
+    no_fresh = n_replay_rows > 0 and n_fresh_tokens == 0
+    if n_replay_rows == 0 and not separate:
+        fresh_data = data
+    else:
+        fresh_data = data.copy()  # shallow: tensors shared, keys replaceable
+        if n_replay_rows and not no_fresh:
+            fresh_data["response_mask"] = _zero_rows(data["response_mask"], keep_fresh)
+        if separate:
+            tu.assign_non_tensor(fresh_data, batch_num_tokens=fresh_tokens, global_batch_size=fresh_seqs)
+    fresh_loss, verl_metrics = ppo_loss(config, model_output, fresh_data, dp_group)
+    if no_fresh:
+        fresh_loss = fresh_loss * 0.0
+    metrics = fresh_token_weighted(verl_metrics, n_fresh_tokens, counts[FRESH_RESPONSE_TOKENS_KEY], dp_size)
 
-    stats = {"u": 0.0, "u_outside": 0.0, "drift": 0.0, "weight": 0.0}
+    # -- replay rows: the replay term only -----------------------------------------------------
+    agg_type = _global_info_metric_type(dp_size, verl_tokens, verl_seqs, config)
+
+    stats = {"u": 0.0, "u_outside": 0.0, "u_above_10": 0.0, "drift": 0.0, "weight": 0.0}
+    u_max = 0.0
     if n_replay_rows:
         if STORED_LOG_PROBS_KEY not in data.keys():
             raise KeyError(f"micro-batch has replay rows but no '{STORED_LOG_PROBS_KEY}' field")
@@ -297,6 +344,8 @@ def replay_aware_loss(
             m = tok_mask.float()
             stats["u"] = float((torch.exp(lu) * m).sum())
             stats["u_outside"] = float((((lu < -math.log(2.0)) | (lu > math.log(2.0))).float() * m).sum())
+            stats["u_above_10"] = float(((lu > math.log(10.0)).float() * m).sum())
+            u_max = float(torch.exp(lu.masked_fill(~tok_mask, -math.inf).max()))
             stats["drift"] = float((lu.abs() * m).sum())
             stats["weight"] = float((out.weight * m).sum())
         loss = fresh_loss + coef * replay_term.to(fresh_loss.dtype)
@@ -323,6 +372,8 @@ def replay_aware_loss(
             f"{prefix}coef": coef,
             f"{prefix}u_mean": token_mean["u"],
             f"{prefix}u_outside": token_mean["u_outside"],
+            f"{prefix}u_above_10": token_mean["u_above_10"],
+            f"{prefix}u_max": Metric(AggregationType.MAX, u_max),
             f"{prefix}drift": token_mean["drift"],
             f"{prefix}weight_mean": token_mean["weight"],
         }

@@ -4,18 +4,21 @@ fields, and the compact stored row (:class:`Trajectory`) a store keeps per traje
 Fields the trainer writes on EVERY row of an actor-update batch (fresh rows and verl's padding rows
 included; the ``KVBatchMeta`` handed to the update must list them in ``fields``):
 
-=============================  =====================  ==========================================
-field                          dtype / layout         meaning
-=============================  =====================  ==========================================
-``replay_mask``                float32, dense (B,)    1.0 replay row, 0.0 fresh row (> 0.5 = replay)
-``stored_log_probs``           float, jagged,         log-prob of each response token recorded
-                               response length        when the row was *sampled*; fresh rows: their
-                                                      recorded log-probs (unused by the loss)
-``fresh_tokens_in_minibatch``  float32, dense (B,)    normaliser fields (:func:`minibatch_normalizer_fields`)
-``replay_tokens_in_minibatch``
-``fresh_seqs_in_minibatch``
+======================================  ===================  =====================================
+field                                   dtype / layout       meaning
+======================================  ===================  =====================================
+``replay_mask``                         float32, dense (B,)  1.0 replay row, 0.0 fresh row
+                                                             (> 0.5 = replay)
+``stored_log_probs``                    float, jagged,       log-prob of each response token
+                                        response length      recorded when the row was *sampled*;
+                                                             fresh rows: their recorded log-probs
+                                                             (unused by the loss)
+``fresh_tokens_in_minibatch``           float64, dense (B,)  per-mini-batch counts
+``fresh_response_tokens_in_minibatch``                       (:func:`minibatch_normalizer_fields`);
+``replay_tokens_in_minibatch``                               float64: exact (float32 is exact only
+``fresh_seqs_in_minibatch``                                  up to 2^24 tokens)
 ``replay_seqs_in_minibatch``
-=============================  =====================  ==========================================
+======================================  ===================  =====================================
 
 :func:`loss_fields` builds all of them for a batch in update order, in one place.
 """
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +36,7 @@ __all__ = [
     "REPLAY_MASK_KEY",
     "STORED_LOG_PROBS_KEY",
     "FRESH_TOKENS_KEY",
+    "FRESH_RESPONSE_TOKENS_KEY",
     "REPLAY_TOKENS_KEY",
     "FRESH_SEQS_KEY",
     "REPLAY_SEQS_KEY",
@@ -45,11 +49,16 @@ __all__ = [
 
 REPLAY_MASK_KEY = "replay_mask"
 STORED_LOG_PROBS_KEY = "stored_log_probs"
+#: fresh tokens as verl's token-mean counts them (sum of ``loss_mask``: rollout rejection sampling
+#: zeroes rejected tokens in ``response_mask`` only, so they stay in the denominator)
 FRESH_TOKENS_KEY = "fresh_tokens_in_minibatch"
+#: fresh tokens the policy-gradient terms and their diagnostics average over (sum of ``response_mask``)
+FRESH_RESPONSE_TOKENS_KEY = "fresh_response_tokens_in_minibatch"
 REPLAY_TOKENS_KEY = "replay_tokens_in_minibatch"
 FRESH_SEQS_KEY = "fresh_seqs_in_minibatch"
 REPLAY_SEQS_KEY = "replay_seqs_in_minibatch"
-NORMALIZER_KEYS = (FRESH_TOKENS_KEY, REPLAY_TOKENS_KEY, FRESH_SEQS_KEY, REPLAY_SEQS_KEY)
+#: every per-mini-batch count field
+NORMALIZER_KEYS = (FRESH_TOKENS_KEY, FRESH_RESPONSE_TOKENS_KEY, REPLAY_TOKENS_KEY, FRESH_SEQS_KEY, REPLAY_SEQS_KEY)
 #: where a row's sampling-time log-probs are, in order of preference: vLLM's, else verl's old log-probs
 RECORDED_LOG_PROBS_KEYS = ("rollout_log_probs", "old_log_probs")
 
@@ -151,13 +160,16 @@ def minibatch_normalizer_fields(
     mini_batch_size: int,
     dp_size: int = 1,
     shuffle: bool = False,
+    loss_tokens: Any = None,
 ) -> dict[str, torch.Tensor]:
-    """The four per-row normaliser fields for a whole actor-update batch, in the row order handed
-    to verl's ``update_actor``.
+    """The per-row count fields (:data:`NORMALIZER_KEYS`) for a whole actor-update batch, in the
+    row order handed to verl's ``update_actor``.
 
     Args:
         is_replay: (N,) bool/0-1, replay rows.
         num_tokens: (N,) valid response tokens per row (sum of ``response_mask``).
+        loss_tokens: (N,) sum of ``loss_mask`` per row, what verl's engine counts for its token-mean
+            denominator (``batch_num_tokens``); None when it equals ``num_tokens``.
         mini_batch_size: rows per optimizer mini-batch over all dp ranks
             (``ppo_mini_batch_size * rollout.n``, verl's ``global_batch_size``).
         dp_size: data-parallel size of the actor.
@@ -167,13 +179,16 @@ def minibatch_normalizer_fields(
             step totals divided by the number of mini-batches, on every row.
 
     Returns:
-        {field name: float32 (N,) tensor} for ``fresh/replay_tokens/seqs_in_minibatch``.
+        {field name: float64 (N,) tensor}: fresh tokens by ``loss_mask`` (the fresh normaliser) and
+        by ``response_mask`` (the weights of the fresh diagnostics), replay tokens by
+        ``response_mask``, fresh and replay rows.
     """
     rep = torch.as_tensor(is_replay).reshape(-1).bool()
     tok = torch.as_tensor(num_tokens).reshape(-1).to(torch.float64)
+    loss_tok = tok if loss_tokens is None else torch.as_tensor(loss_tokens).reshape(-1).to(torch.float64)
     n = rep.numel()
-    if tok.numel() != n:
-        raise ValueError(f"is_replay has {n} rows but num_tokens has {tok.numel()}")
+    if tok.numel() != n or loss_tok.numel() != n:
+        raise ValueError(f"is_replay has {n} rows but num_tokens has {tok.numel()} and loss_tokens {loss_tok.numel()}")
     if mini_batch_size < 1 or dp_size < 1 or mini_batch_size % dp_size:
         raise ValueError(f"mini_batch_size ({mini_batch_size}) must be a positive multiple of dp_size ({dp_size})")
     if n % dp_size or (n // dp_size) % (mini_batch_size // dp_size):
@@ -196,10 +211,11 @@ def minibatch_normalizer_fields(
 
     def per_group(values: torch.Tensor) -> torch.Tensor:
         sums = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, mb, values)
-        return (sums / div)[mb].to(torch.float32)
+        return (sums / div)[mb]
 
     return {
-        FRESH_TOKENS_KEY: per_group(tok * fresh),
+        FRESH_TOKENS_KEY: per_group(loss_tok * fresh),
+        FRESH_RESPONSE_TOKENS_KEY: per_group(tok * fresh),
         REPLAY_TOKENS_KEY: per_group(tok * repf),
         FRESH_SEQS_KEY: per_group(fresh),
         REPLAY_SEQS_KEY: per_group(repf),
@@ -214,9 +230,12 @@ def loss_fields(
     mini_batch_size: int,
     dp_size: int,
     shuffle: bool,
+    loss_tokens: Optional[Sequence[int]] = None,
 ) -> dict[str, torch.Tensor]:
     """Every field of the contract for a whole actor-update batch, in update order: the replay
-    mask, the recorded log-probs (jagged, fp32) and the four normalisers."""
+    mask, the recorded log-probs (jagged, fp32) and the count fields (``num_tokens``: sum of
+    ``response_mask`` per row; ``loss_tokens``: sum of ``loss_mask``, see
+    :func:`minibatch_normalizer_fields`)."""
     if not (len(is_replay) == len(num_tokens) == len(stored_log_probs)):
         raise ValueError(f"{len(is_replay)} rows, {len(num_tokens)} token counts, {len(stored_log_probs)} log-prob rows")
     stored = [torch.as_tensor(lp).float().reshape(-1).contiguous() for lp in stored_log_probs]
@@ -224,5 +243,5 @@ def loss_fields(
         REPLAY_MASK_KEY: torch.tensor([float(r) for r in is_replay], dtype=torch.float32),
         STORED_LOG_PROBS_KEY: torch.nested.as_nested_tensor(stored, layout=torch.jagged),
         **minibatch_normalizer_fields(is_replay, num_tokens, mini_batch_size=mini_batch_size, dp_size=dp_size,
-                                      shuffle=shuffle),
+                                      shuffle=shuffle, loss_tokens=loss_tokens),
     }

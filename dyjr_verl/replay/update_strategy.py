@@ -5,16 +5,17 @@ else (rollout, reward, balancing, old log-probs, advantages, validation, checkpo
 verl's own. Per training step (:func:`replay_at_update`, against any TransferQueue client):
 
 1. read back, for this step's rows, only what the plan needs: ``response_mask``, ``rm_scores`` and
-   the recorded log-probs (plus a method's extra fields, e.g. a top-k record), and one whole row
-   as the template of the field layout;
+   the recorded log-probs, and one whole row as the template of the field layout;
 2. draw rows from the method's store (ages >= 1: this step's rollouts are not in it yet), place
    them in the mini-batches (:mod:`.layout`) and write them under fresh keys, rebuilt from their
    compact copies by the codec (:func:`~dyjr_verl.replay.codec.build_row`);
 3. write the loss's fields (:func:`~dyjr_verl.replay.rows.loss_fields`) on every row, in update
    order, in one put, and hand verl's ``_update_actor`` the enlarged batch: fresh and replayed rows
-   interleaved per mini-batch, as many optimizer steps as without replay (the mini-batch grows);
-4. clear the replayed rows; then read the tokens of the fresh rows the store admits and store one
-   compact copy of each (:func:`store_fresh_rows`).
+   interleaved per mini-batch, as many optimizer steps as without replay (the mini-batch grows); a
+   method's per-row record (e.g. DyJR's top-k) is written jagged, at each replayed row's length,
+   and empty on fresh rows, which never read it;
+4. clear the replayed rows; then read the tokens (and a method's record) of the fresh rows the
+   store admits, and of those only, and store one compact copy of each (:func:`store_fresh_rows`).
 
 The original batch is returned, so verl's metrics, sample counts and end-of-step clearing never
 see the replayed rows. A replayed row carries its recorded log-probs as ``old_log_probs`` /
@@ -62,7 +63,6 @@ class UpdateRows:
     replay_keys: list[str]
     recorded: list[torch.Tensor]  # per fresh row
     rewards: list[float]  # per fresh row
-    records: Optional[list] = None  # per fresh row: the method's record (e.g. top-k), or None
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -81,14 +81,17 @@ class UpdateReplayMethod:
     def store_rows(self, step: int, trajectories: list[Trajectory], rejected: int) -> dict[str, float]:
         raise NotImplementedError
 
-    # a per-row record that travels with each trajectory (none by default)
+    # a per-row record that travels with each trajectory (none by default): read for the admitted
+    # rows only, written back on replayed rows only
     def record_read_fields(self) -> list[str]:
         return []
 
     def take_records(self, data: TensorDict) -> Optional[list]:
+        """One record per row of ``data`` (the admitted rows, read with :meth:`record_read_fields`)."""
         return None
 
     def record_fields(self, records: list) -> dict[str, torch.Tensor]:
+        """The per-row fields of the update, in update order: a replayed row's record, None for a fresh row."""
         return {}
 
     def dropped_field(self, name: str) -> bool:
@@ -109,9 +112,19 @@ class UpdateReplayMethod:
         (:data:`MASKED_ON_REPLAY_ROWS`), e.g. an advantage stored with the trajectory."""
         return {}
 
+    def recorded_log_probs_key(self) -> Optional[str]:
+        """The field stored as each token's log-prob (a method's setting, e.g. ``dyjr.buffer.logprobs``);
+        None: the first of :data:`RECORDED_LOG_PROBS_KEYS` the step has."""
+        return None
 
-def _recorded_key(fields: Sequence[str]) -> str:
-    return next(k for k in RECORDED_LOG_PROBS_KEYS if k in fields)
+
+def _recorded_key(fields: Sequence[str], wanted: Optional[str] = None) -> str:
+    if wanted is None:
+        return next(k for k in RECORDED_LOG_PROBS_KEYS if k in fields)
+    if wanted not in fields:  # the start-up check refuses configs without it; never store another field instead
+        raise KeyError(f"the step's rows have no '{wanted}' field to store as the recorded log-probs "
+                       f"(they have {sorted(fields)})")
+    return wanted
 
 
 def _tensor_fields(template: TensorDict, method: UpdateReplayMethod) -> list[str]:
@@ -139,13 +152,16 @@ def replay_at_update(
     pid = batch.partition_id
     first = client.kv_batch_get(keys=batch.keys[:1], partition_id=pid)  # the layout of a row of this step
     names = list(first.keys())
-    lp_key = _recorded_key(names)
+    lp_key = _recorded_key(names, method.recorded_log_probs_key())
+    # verl's token-mean counts loss_mask (rejection sampling zeroes rejected tokens in response_mask
+    # only); a step without one is normalised by response_mask (verl's padding conversion copies it)
+    loss_key = "loss_mask" if "loss_mask" in names else "response_mask"
     data = client.kv_batch_get(keys=batch.keys, partition_id=pid,
-                               select_fields=["response_mask", "rm_scores", lp_key, *method.record_read_fields()])
+                               select_fields=list(dict.fromkeys(["response_mask", loss_key, "rm_scores", lp_key])))
     recorded = [r.float() for r in data[lp_key].unbind(0)]
     tokens = [int(m.sum()) for m in data["response_mask"].unbind(0)]
+    loss_tokens = [int(m.sum()) for m in data[loss_key].unbind(0)]
     rewards = [float(r.float().sum()) for r in data["rm_scores"].unbind(0)]
-    records = method.take_records(data)
     real = [not tag.get("is_padding", False) for tag in batch.tags]
 
     placement = place_replay_rows(method.target_replay_rows(sum(real)), shape)
@@ -169,15 +185,16 @@ def replay_at_update(
             [rep for rep, _ in order], [drawn[i].num_tokens if rep else tokens[i] for rep, i in order],
             [torch.from_numpy(drawn[i].logprobs) if rep else recorded[i] for rep, i in order],
             mini_batch_size=shape.minibatch_rows + placement.per_minibatch, dp_size=shape.dp, shuffle=shuffle,
+            loss_tokens=[drawn[i].num_tokens if rep else loss_tokens[i] for rep, i in order],
         )
-        if records is not None:
-            fields.update(method.record_fields([drawn[i].record if rep else records[i] for rep, i in order]))
+        if drawn and method.record_read_fields():  # a replayed row carries its record, a fresh row an empty one
+            fields.update(method.record_fields([drawn[i].record if rep else None for rep, i in order]))
         client.kv_batch_put(keys=keys, partition_id=pid, fields=TensorDict(fields, batch_size=[len(keys)]))
         base = list(replay_td.keys()) if rows else [k for k in (batch.fields or names) if not method.dropped_field(k)]
         meta = KVBatchMeta(partition_id=pid, keys=keys, tags=tags, fields=base + [k for k in fields if k not in base],
                            extra_info=dict(batch.extra_info or {}))
         yield UpdateRows(meta=meta, minibatch_rows=shape.minibatch_rows + placement.per_minibatch, placement=placement,
-                         drawn=drawn, replay_keys=replay_keys, recorded=recorded, rewards=rewards, records=records)
+                         drawn=drawn, replay_keys=replay_keys, recorded=recorded, rewards=rewards)
 
 
 def store_fresh_rows(client: Any, batch: KVBatchMeta, update: UpdateRows, method: UpdateReplayMethod, step: int) -> dict[str, float]:
@@ -187,14 +204,16 @@ def store_fresh_rows(client: Any, batch: KVBatchMeta, update: UpdateRows, method
     trajectories = []
     if admitted:
         extra = method.admitted_read_fields()
+        names = ["prompts", "responses", "response_mask", "uid", *method.record_read_fields(), *extra]
         data = client.kv_batch_get(keys=[batch.keys[i] for i in admitted], partition_id=batch.partition_id,
-                                   select_fields=["prompts", "responses", "response_mask", "uid", *extra])
+                                   select_fields=list(dict.fromkeys(names)))
+        records = method.take_records(data)  # the admitted rows' records only
         extra_columns = {k: data[k].unbind(0) for k in extra}
         extra_rows = [{k: column[j] for k, column in extra_columns.items()} for j in range(len(admitted))]
         columns = zip(admitted, td_column(data, "uid"), data["prompts"].unbind(0), data["responses"].unbind(0),
                       data["response_mask"].unbind(0), extra_rows, strict=True)
-        for i, uid, prompt, response, mask, values in columns:
-            record = None if update.records is None else update.records[i]
+        for j, (i, uid, prompt, response, mask, values) in enumerate(columns):
+            record = None if records is None else records[j]
             trajectories.append(Trajectory(
                 prompt_ids=prompt, response_ids=response, response_mask=mask,
                 logprobs=update.recorded[i], reward=update.rewards[i], uid=str(uid), step=step, tags=batch.tags[i],

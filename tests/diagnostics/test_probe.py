@@ -6,6 +6,8 @@ from __future__ import annotations
 import pickle
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from test_topk import PackedPolicy, actor_config, engine_step, make_batch
 from verl.utils import tensordict_utils as tu
 
@@ -100,3 +102,54 @@ def test_without_flags_the_wrapped_loss_is_unchanged():
     assert torch.equal(g_inner, g_wrap) and l_inner == l_wrap
     assert [sorted(m) for m in m_inner] == [sorted(m) for m in m_wrap]
     assert float(g_inner.abs().sum()) > 0
+
+
+class _Allocations(TorchDispatchMode):
+    """Every op output with at least ``limit`` elements that is not a view of ``base``."""
+
+    def __init__(self, base: torch.Tensor, limit: int):
+        super().__init__()
+        self.base, self.limit, self.seen = base.untyped_storage().data_ptr(), limit, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if (isinstance(t, torch.Tensor) and not t.is_nested and t.numel() >= self.limit
+                    and t.untyped_storage().data_ptr() != self.base):
+                self.seen.append((str(func), tuple(t.shape)))
+        return out
+
+
+def test_record_pass_reads_the_response_rows_in_place_and_emits_int32_ids():
+    """Issue 14: the probe's record is the record of the response rows (what ``logits[rows]`` gave)
+    without an [M, V] copy of them; ids travel as int32, log-probs in the stored bf16."""
+    from dyjr_verl.diagnostics.probe import probe_logits
+
+    gen = torch.Generator().manual_seed(0)
+    vocab, k, p_len, r_len, n_rows = 1024, 8, 20, 400, 12
+
+    def jag(parts):
+        return torch.nested.as_nested_tensor(list(parts), layout=torch.jagged)
+
+    prompts = [torch.randint(0, vocab, (p_len,), generator=gen) for _ in range(n_rows)]
+    responses = [torch.randint(0, vocab, (r_len,), generator=gen) for _ in range(n_rows)]
+    td = tu.get_tensordict({"prompts": jag(prompts), "responses": jag(responses),
+                            "input_ids": jag(torch.cat([p, r]) for p, r in zip(prompts, responses)),
+                            "response_mask": jag(torch.ones(r_len, dtype=torch.int64) for _ in range(n_rows))})
+    tu.assign_non_tensor(td, **{R.TOPK_RECORD_FLAG: k})
+    logits = torch.randn(1, n_rows * (p_len + r_len), vocab, generator=gen)
+    rows, _, _ = R.response_positions(td, logits.shape[1], logits.device)
+    assert rows.numel() * vocab > R.TOPK_GATHER_ELEMS  # the top-k gather works in several blocks
+    with _Allocations(logits, limit=rows.numel() * vocab) as allocations:
+        out = probe_logits(logits, td)
+    assert allocations.seen == []  # no [M, V] tensor besides the logits themselves
+    want = R.build_topk_record(logits[0][rows], k)  # the old path: a copy of the response rows
+    ids = torch.stack([out[f"{R.TOPK_RECORD_PREFIX}id{i}"][0] for i in range(k)], dim=-1)
+    logp = torch.stack([out[f"{R.TOPK_RECORD_PREFIX}logp{i}"][0] for i in range(k)], dim=-1)
+    rest = out[f"{R.TOPK_RECORD_PREFIX}log_rest"][0]
+    assert ids.dtype == torch.int32 and logp.dtype == rest.dtype == torch.bfloat16
+    assert torch.equal(ids[rows], want.ids) and torch.equal(logp[rows], want.logp)
+    assert torch.equal(rest[rows], want.log_rest)
+    off = torch.ones(logits.shape[1], dtype=torch.bool)
+    off[rows] = False
+    assert not ids[off].any() and not logp[off].any()  # prompt positions: not computed

@@ -10,7 +10,9 @@ import pytest
 
 from dyjr_verl.methods.dyjr.buffer import TimeSensitiveBuffer, Trajectory, buffer_digest
 from dyjr_verl.methods.dyjr.config import BufferConfig
-from dyjr_verl.replay.checkpoint import BUFFER_CKPT_NAME, ReplayStateError, load_replay_state, restore_store, save_replay_state
+from dyjr_verl.replay.checkpoint import (
+    BUFFER_CKPT_NAME, ReplayStateError, check_fingerprint, load_replay_state, restore_store, save_replay_state,
+)
 
 
 def _buffer() -> TimeSensitiveBuffer:
@@ -53,3 +55,15 @@ def test_a_file_that_is_not_a_replay_state_is_refused(tmp_path):
         pickle.dump([1, 2], f)
     with pytest.raises(ReplayStateError, match="not a replay-state file"):
         load_replay_state(str(tmp_path))
+
+
+def test_fingerprints_are_compared_key_by_key():
+    current = {"method": "dyjr", "record_k": 8}
+    check_fingerprint({"store": {}, "fingerprint": dict(current)}, current, "p.pkl", "do X")  # equal: accepted
+    with pytest.raises(ReplayStateError) as info:
+        saved = {"method": "dyjr", "record_k": 0, "old": 1}
+        check_fingerprint({"store": {}, "fingerprint": saved}, current, "p.pkl", "do X")
+    assert str(info.value) == ("p.pkl was saved with other replay settings "
+                               "(old: saved 1, now absent; record_k: saved 0, now 8): do X")
+    with pytest.raises(ReplayStateError, match="no compatibility fingerprint"):
+        check_fingerprint({"store": {}}, current, "p.pkl", "do X")

@@ -21,6 +21,7 @@ import dyjr_verl.methods.exgrpo.loss  # noqa: F401  (registers the shaped_pg ter
 from dyjr_verl.methods.dyjr.divergence import dyjr_loss_spec
 from dyjr_verl.replay.loss import replay_aware_loss
 from dyjr_verl.replay.rows import (
+    FRESH_RESPONSE_TOKENS_KEY,
     FRESH_SEQS_KEY,
     FRESH_TOKENS_KEY,
     NORMALIZER_KEYS,
@@ -287,7 +288,7 @@ def test_metrics_present_and_exact_token_means():
     assert total("replay/rows") == 3
     n_rep = float(td[REPLAY_TOKENS_KEY][0])
     assert total("replay/tokens") == n_rep
-    assert total("replay/fresh_tokens") == float(td[FRESH_TOKENS_KEY][0])
+    assert total("replay/fresh_tokens") == float(td[FRESH_RESPONSE_TOKENS_KEY][0])
     # exact token means (SUM over micro-batches of pre-normalised values)
     rows = [i for i in range(8) if float(td["replay_mask"][i]) > 0.5]
     sub = tu.index_select_tensor_dict(td, torch.tensor(rows))
@@ -416,9 +417,9 @@ def test_minibatch_normalizer_fields_layout():
         assert torch.all(f[REPLAY_SEQS_KEY][r] == float(rep[r].sum()))
         assert torch.all(f[FRESH_SEQS_KEY][r] + f[REPLAY_SEQS_KEY][r] == 8)
     fs = minibatch_normalizer_fields(rep, tok, mini_batch_size=8, dp_size=2, shuffle=True)
-    assert torch.allclose(fs[REPLAY_TOKENS_KEY], torch.full((16,), float((tok * rep).sum()) / 2))
+    assert torch.allclose(fs[REPLAY_TOKENS_KEY], torch.full((16,), float((tok * rep).sum()) / 2, dtype=torch.float64))
     assert set(f) == set(NORMALIZER_KEYS)
-    assert all(v.dtype == torch.float32 and v.shape == (16,) for v in f.values())
+    assert all(v.dtype == torch.float64 and v.shape == (16,) for v in f.values())  # exact counts
     with pytest.raises(ValueError):
         minibatch_normalizer_fields(rep, tok, mini_batch_size=6, dp_size=4)
 

@@ -197,3 +197,91 @@ def test_a_spec_unpickled_in_a_fresh_process_registers_its_term():
     out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, timeout=300)
     assert out.returncode == 0, out.stderr.decode()[-2000:]
     assert out.stdout.decode().split() == ["True", "joint"]
+
+
+# -- a method's per-row record (DyJR's top-k record, issue 14) ------------------------------------------
+
+
+K = 2
+
+
+def probe_record_fields(n: int = 8) -> dict:
+    """The old-log-prob probe's record outputs as verl writes them: per packed position (prompt +
+    response) of every row, int32 ids and bf16 log-probs; row i's values are 10 * i + position."""
+    from dyjr_verl.diagnostics.topk_record import TOPK_RECORD_PREFIX
+
+    seq = [P + 2 + i % 3 for i in range(n)]
+    out = {f"{TOPK_RECORD_PREFIX}id{j}": jagged([[10 * i + t + j for t in range(s)] for i, s in enumerate(seq)],
+                                                torch.int32) for j in range(K)}
+    out.update({f"{TOPK_RECORD_PREFIX}logp{j}": jagged([[-1.0 - j] * s for s in seq], torch.bfloat16)
+                for j in range(K)})
+    out[f"{TOPK_RECORD_PREFIX}log_rest"] = jagged([[-2.0 - i] * s for i, s in enumerate(seq)], torch.bfloat16)
+    return out
+
+
+class RecordStore(ListStore):
+    """ListStore with DyJR's top-k record hooks (dyjr_verl.methods.dyjr.trainer.DyJRTrainer's)."""
+
+    def record_read_fields(self):
+        from dyjr_verl.methods.dyjr.topk import record_read_fields
+
+        return record_read_fields(K)
+
+    def take_records(self, data):
+        from dyjr_verl.methods.dyjr.topk import take_record
+
+        return take_record(data, K)
+
+    def record_fields(self, records):
+        from dyjr_verl.methods.dyjr.topk import record_fields
+
+        return record_fields(records)
+
+    def dropped_field(self, name):
+        from dyjr_verl.diagnostics.topk_record import TOPK_RECORD_PREFIX
+
+        return name.startswith(TOPK_RECORD_PREFIX)
+
+
+def stored_with_record(i: int, length: int) -> Trajectory:
+    from dyjr_verl.diagnostics.topk_record import TopKRecord
+
+    t = stored(i, length)
+    t.record = TopKRecord(torch.full((length, K), 7 + i, dtype=torch.int32),
+                          torch.full((length, K), -0.5, dtype=torch.bfloat16), torch.full((length,), -3.0, dtype=torch.bfloat16))
+    return t
+
+
+def test_a_record_is_written_on_replayed_rows_only_and_read_for_admitted_rows_only():
+    from dyjr_verl.diagnostics.topk_record import TOPK_RECORD_PREFIX
+    from dyjr_verl.methods.dyjr.topk import RECORD_FIELDS, TOPK_IDS_KEY
+
+    tq = FakeTransferQueue()
+    batch = fresh_step(tq, extra=probe_record_fields())
+    method = RecordStore([stored_with_record(i, 1 + i) for i in range(4)], replay_rows=4)
+    with replay_at_update(tq, batch, method, UpdateShape(8, 4, 2, 1), shuffle=False) as update:
+        meta = update.meta
+        # the step's rows: no record read at the update (fresh rows never use it)
+        step_reads = [c for c in tq.calls if c[0] == "get" and c[1] == 8]
+        assert step_reads and not any(name.startswith(TOPK_RECORD_PREFIX) for c in step_reads for name in c[2])
+        (put,) = [c for c in tq.calls if c[0] == "put" and c[1] == 12]
+        assert set(RECORD_FIELDS) <= set(put[2]) and set(RECORD_FIELDS) <= set(meta.fields)
+        for key in meta.keys:
+            row = tq.rows[(PID, key)]
+            if key in update.replay_keys:  # its stored record, at its response length
+                traj = update.drawn[update.replay_keys.index(key)]
+                assert torch.equal(row[TOPK_IDS_KEY], traj.record.ids)
+            else:  # a fresh row carries no record values
+                assert all(row[name].numel() == 0 for name in RECORD_FIELDS), key
+        # verl's worker reads every field of meta.fields for every row: that works
+        data = tq.kv_batch_get(keys=meta.keys, partition_id=PID, select_fields=meta.fields)
+        assert data[TOPK_IDS_KEY].is_nested and data[TOPK_IDS_KEY].offsets().diff().sum() == sum(range(1, 5))
+    before = len(tq.calls)
+    store_fresh_rows(tq, batch, update, method, step=3)
+    (read,) = [c for c in tq.calls[before:] if c[0] == "get"]
+    assert read[1] == 4 and {f"{TOPK_RECORD_PREFIX}id0", f"{TOPK_RECORD_PREFIX}log_rest"} <= set(read[2])
+    first = method.pushed[0]  # row 1 (reward 1): prompt 3 + response 3 tokens, response scored at 2..4
+    assert first.record.ids.dtype == torch.int32 and first.record.ids.shape == (3, K)
+    assert first.record.ids[:, 0].tolist() == [10 + 2, 10 + 3, 10 + 4]
+    assert first.record.log_rest.float().tolist() == [-3.0] * 3
+    assert first.record.ids.untyped_storage().nbytes() == first.record.ids.nbytes  # a private copy

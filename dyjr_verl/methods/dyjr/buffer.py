@@ -22,29 +22,23 @@ Ages and the window
     step (age 0) are also eligible for :meth:`sample`; sample before pushing to avoid them.
 
 Capacity
-    At most ``capacity`` entries; on overflow the oldest are evicted first (within a step, in
-    push order). Storage is a deque of per-step blocks (a list plus a start offset each), so push,
-    age eviction and capacity eviction are O(1) amortised per entry and random access for
-    sampling is O(1) per drawn entry after an O(#blocks) prefix sum (#blocks <= W + 1).
+    At most ``capacity`` entries (null: ``max_age`` x ``rows_per_step``, the rollouts of one step, so
+    that the window decides; :func:`~dyjr_verl.methods.dyjr.config.resolved_capacity`). On overflow
+    the oldest steps go first; the step that is only partly evicted loses a uniformly random subset
+    drawn from the ``rng`` of :meth:`push` (the trainer's seeded replay stream), not its first- or
+    last-pushed rows: the order of a step's rows is verl's batch balancing, not random. Storage is
+    a deque of per-step blocks (a list each), so push and age eviction are O(1) amortised per
+    entry, capacity eviction O(rows of the oldest step) per push, and random access for sampling
+    is O(1) per drawn entry after an O(#blocks) prefix sum (#blocks <= W + 1).
 
 Admission (``admit``)
     ``correct``: reward > ``correct_threshold`` (default 0.5, i.e. a 0/1 or ±1 verifier's
     success); ``all``: every trajectory; ``threshold``: reward >= ``admit_threshold``.
     NaN rewards fail both comparisons.
 
-Adaptive window rule (``window: adaptive``; reconstruction, the paper's rule is unknown)
-    After each step the trainer reports ``drift = mean |log pi_theta(y_t) - l_t|`` over the
-    replayed tokens of that step (``replay/drift`` from :mod:`dyjr_verl.replay.loss`),
-    where ``l_t`` is the stored log-prob. Stale anchors make this large, so:
-
-    * ``drift > drift_high`` (default 0.2): ``W = max(min_age, W - shrink_step)`` at once, and
-      entries now outside the window are evicted;
-    * ``drift < drift_low`` (default 0.05) for ``grow_patience`` (default 2) consecutive reports:
-      ``W = min(max_age, W + grow_step)``;
-    * otherwise (or a non-finite / missing drift): ``W`` is kept and the calm streak resets
-      (missing drift leaves the streak unchanged).
-
-    ``W`` starts at ``max_age``. With ``window: fixed`` drift is recorded for metrics only.
+Adaptive window (``window: adaptive``)
+    :mod:`.window` (:class:`~dyjr_verl.methods.dyjr.window.DriftWindow`): W shrinks when the replayed
+    tokens' drift is high and grows back after calm steps; entries outside a shrunk window are evicted.
 
 Frozen (``frozen: true``; the static-reference ablation)
     The first :meth:`push` is the fill (the start model's admitted rollouts, capacity applied as for
@@ -63,13 +57,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections import deque
 from typing import Any, Iterable, Iterator, Optional, Union
 
 import numpy as np
+import torch
 
-from dyjr_verl.methods.dyjr.config import BufferConfig
+from dyjr_verl.methods.dyjr.config import BufferConfig, resolved_capacity
+from dyjr_verl.methods.dyjr.window import DriftWindow
 from dyjr_verl.replay.rows import Trajectory
 
 __all__ = ["Trajectory", "TimeSensitiveBuffer", "buffer_digest"]
@@ -81,35 +76,39 @@ _STATE_VERSION = 2
 
 
 class _Block:
-    """All entries pushed at one step: a list plus a start offset (O(1) popleft and indexing)."""
+    """All entries pushed at one step, in push order."""
 
-    __slots__ = ("step", "items", "start")
+    __slots__ = ("step", "items")
 
     def __init__(self, step: int, items: Optional[list[Trajectory]] = None):
         self.step = step
         self.items: list[Trajectory] = items if items is not None else []
-        self.start = 0
 
     def __len__(self) -> int:
-        return len(self.items) - self.start
-
-    def popleft(self) -> Trajectory:
-        t = self.items[self.start]
-        self.items[self.start] = None  # type: ignore[call-overload]  # drop the reference now
-        self.start += 1
-        if self.start > 32 and self.start * 2 > len(self.items):  # compact: amortised O(1)
-            self.items = self.items[self.start :]
-            self.start = 0
-        return t
+        return len(self.items)
 
     def get(self, i: int) -> Trajectory:
-        return self.items[self.start + i]
+        return self.items[i]
 
     def alive(self) -> list[Trajectory]:
-        return self.items[self.start :]
+        return self.items
 
 
 RngLike = Union[np.random.Generator, int, None]
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.untyped_storage().nbytes()
+    if isinstance(value, np.ndarray):
+        return value.nbytes if value.base is None else getattr(value.base, "nbytes", value.nbytes)
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0  # a scalar record (e.g. a stored advantage) or none
+
+
+def _generator(rng: RngLike) -> np.random.Generator:
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(0 if rng is None else rng)
 
 
 class TimeSensitiveBuffer:
@@ -118,14 +117,14 @@ class TimeSensitiveBuffer:
     See the module docstring for the exact age, eviction, admission and adaptive-window rules.
     """
 
-    def __init__(self, config: Optional[BufferConfig] = None):
+    def __init__(self, config: Optional[BufferConfig] = None, *, rows_per_step: Optional[int] = None):
         self.config = (config if config is not None else BufferConfig()).validate("dyjr.buffer")
+        #: the bound on entries (None: only ages bound them; see the module docstring)
+        self.capacity = resolved_capacity(self.config, rows_per_step)
         self._blocks: deque[_Block] = deque()
         self._size = 0
         self._step: Optional[int] = None
-        self._window = self.config.max_age
-        self._calm = 0
-        self._last_drift: Optional[float] = None
+        self._drift_window = DriftWindow(self.config)
         self._counters = self._zero_counters()
         self._totals = self._zero_counters()
         self._filled = False  # frozen: the fill (first push) happened
@@ -142,7 +141,7 @@ class TimeSensitiveBuffer:
     @property
     def window(self) -> int:
         """Current window W (steps); equals ``max_age`` for a fixed window."""
-        return self._window
+        return self._drift_window.size
 
     @property
     def step(self) -> Optional[int]:
@@ -193,10 +192,13 @@ class TimeSensitiveBuffer:
         self._step = step
         self._evict_expired()
 
-    def push(self, step: int, trajectories: Iterable[Trajectory], rejected: int = 0) -> dict[str, int]:
+    def push(
+        self, step: int, trajectories: Iterable[Trajectory], rejected: int = 0, rng: RngLike = None
+    ) -> dict[str, int]:
         """Admit this step's trajectories (after ``advance(step)``); returns {admitted, rejected}.
         ``rejected``: trajectories the caller already filtered out with :meth:`admits_reward`
-        (counted as rejected). A filled frozen buffer only moves the clock: returns zeros."""
+        (counted as rejected). ``rng`` draws the rows an overflow evicts (a ``numpy.random.Generator``
+        or an int seed; None means seed 0). A filled frozen buffer only moves the clock: returns zeros."""
         self.advance(step)
         if not self.accepting:
             return {"admitted": 0, "rejected": 0}
@@ -220,7 +222,7 @@ class TimeSensitiveBuffer:
         self._count("rejected", rejected)
         if not block:
             self._blocks.pop()  # keep no empty tail block
-        self._evict_overflow()
+        self._evict_overflow(rng)
         if self.frozen:
             self._filled = True
             if not self._size:
@@ -235,7 +237,7 @@ class TimeSensitiveBuffer:
         depends only on the buffer content (its deterministic insertion order) and the RNG state.
         Fewer than ``n`` alive entries: all of them, in random order.
         """
-        gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(0 if rng is None else rng)
+        gen = _generator(rng)
         k = min(int(n), self._size)
         if k <= 0:
             return []
@@ -249,53 +251,35 @@ class TimeSensitiveBuffer:
 
     def report_drift(self, drift: Optional[float]) -> int:
         """Feed the adaptive-window rule one drift measurement; returns the (new) window."""
-        if drift is None:
-            return self._window
-        drift = float(drift)
-        if not math.isfinite(drift):
-            self._calm = 0
-            return self._window
-        self._last_drift = drift
-        if self.config.window != "adaptive":
-            return self._window
-        cfg = self.config
-        if drift > cfg.drift_high:
-            self._window = max(cfg.min_age, self._window - cfg.shrink_step)
-            self._calm = 0
-            if self._step is not None:
-                self._evict_expired()
-        elif drift < cfg.drift_low:
-            self._calm += 1
-            if self._calm >= cfg.grow_patience:
-                self._window = min(cfg.max_age, self._window + cfg.grow_step)
-                self._calm = 0
-        else:
-            self._calm = 0
-        return self._window
+        if self._drift_window.report(drift) and self._step is not None:  # shrunk: evict what fell out
+            self._evict_expired()
+        return self._drift_window.size
 
     # ------------------------------------------------------------------------------------------
     def _evict_expired(self) -> None:
         assert self._step is not None
         if self.frozen:  # a static reference never ages out
             return
-        horizon = self._step - self._window  # entries with s < horizon have age > W
+        horizon = self._step - self._drift_window.size  # entries with s < horizon have age > W
         while self._blocks and self._blocks[0].step < horizon:
             block = self._blocks.popleft()
             n = len(block)
             self._size -= n
             self._count("evicted_age", n)
 
-    def _evict_overflow(self) -> None:
-        cap = self.config.capacity
-        while self._size > cap:
+    def _evict_overflow(self, rng: RngLike = None) -> None:
+        cap = self.capacity
+        while cap is not None and self._size > cap:
             block = self._blocks[0]
             excess = min(self._size - cap, len(block))
-            for _ in range(excess):
-                block.popleft()
+            if excess == len(block):  # the whole oldest step goes
+                self._blocks.popleft()
+            else:  # part of it: a random subset (kept rows stay in push order)
+                alive = block.alive()
+                keep = np.sort(_generator(rng).choice(len(alive), size=len(alive) - excess, replace=False))
+                block.items = [alive[i] for i in keep.tolist()]
             self._size -= excess
             self._count("evicted_capacity", excess)
-            if not block:
-                self._blocks.popleft()
 
     # ------------------------------------------------------------------------------------------
     def ages(self) -> np.ndarray:
@@ -305,6 +289,12 @@ class TimeSensitiveBuffer:
         return np.concatenate(
             [np.full(len(b), self._step - b.step, dtype=np.int64) for b in self._blocks] or [np.zeros(0, np.int64)]
         )
+
+    def nbytes(self) -> int:
+        """Bytes held by the stored entries' arrays and records (what ``plan`` estimates as
+        ``stored_row_bytes`` per row; Python object overhead excluded). A record's tensors count
+        with their whole storage, so a view pinning a larger buffer would show."""
+        return sum(_nbytes(getattr(t, name)) for t in self for name in (*Trajectory._ARRAYS, "record"))
 
     def metrics(self, prefix: str = "buffer/") -> dict[str, float]:
         """Size, ages, this step's admission/eviction counts, window and last drift."""
@@ -318,8 +308,7 @@ class TimeSensitiveBuffer:
         c = self._counters
         out = {
             "size": float(n),
-            "capacity": float(self.config.capacity),
-            "window": float(self._window),
+            "window": float(self._drift_window.size),
             "age_mean": float(age_mean),
             "age_max": age_max,
             "admitted": float(c["admitted"]),
@@ -330,8 +319,10 @@ class TimeSensitiveBuffer:
             "admitted_total": float(self._totals["admitted"]),
             "evicted_total": float(self._totals["evicted_age"] + self._totals["evicted_capacity"]),
         }
-        if self._last_drift is not None:
-            out["drift"] = float(self._last_drift)
+        if self.capacity is not None:
+            out["capacity"] = float(self.capacity)
+        if self._drift_window.last_drift is not None:
+            out["drift"] = float(self._drift_window.last_drift)
         return {prefix + k: v for k, v in out.items()}
 
     def state_dict(self) -> dict[str, Any]:
@@ -340,9 +331,7 @@ class TimeSensitiveBuffer:
             "version": _STATE_VERSION,
             "config": self.config.to_dict(),
             "step": self._step,
-            "window": self._window,
-            "calm": self._calm,
-            "last_drift": self._last_drift,
+            **self._drift_window.state_dict(),
             "counters": dict(self._counters),
             "totals": dict(self._totals),
             "blocks": [(b.step, [t.to_dict() for t in b.alive()]) for b in self._blocks],
@@ -367,11 +356,7 @@ class TimeSensitiveBuffer:
                 self._blocks.append(_Block(int(step), trajs))
                 self._size += len(trajs)
         self._step = None if state["step"] is None else int(state["step"])
-        cfg = self.config
-        window = int(state["window"]) if cfg.window == "adaptive" else cfg.max_age
-        self._window = min(cfg.max_age, max(cfg.min_age, window))
-        self._calm = int(state["calm"])
-        self._last_drift = state["last_drift"]
+        self._drift_window.load_state_dict(state)
         self._counters = {**self._zero_counters(), **state["counters"]}
         self._totals = {**self._zero_counters(), **state["totals"]}
         self._filled = bool(state.get("filled", False))

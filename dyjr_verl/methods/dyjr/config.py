@@ -4,11 +4,12 @@ Example YAML (all keys optional; these are the defaults)::
 
     dyjr:
       enable: true
-      buffer: {max_age: 4, capacity: 4096, window: fixed, min_age: 1,
+      buffer: {max_age: 4, capacity: null, window: fixed, min_age: 1,
                drift_high: 0.2, drift_low: 0.05, shrink_step: 1, grow_step: 1, grow_patience: 2,
-               admit: correct, admit_threshold: null, correct_threshold: 0.5, frozen: false}
-      js: {coef: 0.1, divergence: js, estimator: sampled, topk_k: 8, log_u_clamp: 20.0, normalizer: separate}
-      replay: {size: 0.125, min_buffer: 0, seed: 0, as_pg: false}
+               admit: correct, admit_threshold: null, correct_threshold: 0.5, frozen: false, logprobs: rollout}
+      js: {coef: 0.1, divergence: js, estimator: sampled, topk_k: 8, log_u_clamp: 20.0, max_weight: 4.0,
+           normalizer: separate}
+      replay: {size: 0.125, min_buffer: 0, seed: null, resume_empty: false, as_pg: false}
 
 Two ablations are settings of the same trainer: ``buffer.frozen`` (a static reference: the buffer
 is filled once from the start model; tests "dynamic") and ``replay.as_pg`` (replayed rows through a
@@ -22,11 +23,16 @@ from typing import Any, ClassVar, Literal, Optional
 
 from dyjr_verl.replay.config import Checker, ConfigNode, ReplayConfig
 
-__all__ = ["BufferConfig", "JSConfig", "DyJRReplayConfig", "DyJRConfig", "PG_ADVANTAGE_ESTIMATORS"]
+__all__ = ["BufferConfig", "JSConfig", "DyJRReplayConfig", "DyJRConfig", "PG_ADVANTAGE_ESTIMATORS", "LOGPROBS_FIELDS",
+           "DEFAULT_MAX_WEIGHT", "resolved_capacity"]
 
 #: verl advantage estimators that give one advantage per trajectory (outcome-level: the same value on
 #: every response token), the only kind ``replay.as_pg`` can store as a scalar
 PG_ADVANTAGE_ESTIMATORS = ("grpo", "grpo_vectorized", "grpo_passk", "rloo", "rloo_vectorized", "opo", "gpg")
+#: ``buffer.logprobs`` -> the step's field stored as each token's log-prob
+LOGPROBS_FIELDS = {"rollout": "rollout_log_probs", "old": "old_log_probs"}
+#: ``js.max_weight``'s default (its docstring entry says why 4)
+DEFAULT_MAX_WEIGHT = 4.0
 
 
 @dataclass
@@ -35,7 +41,11 @@ class BufferConfig(ConfigNode):
 
     max_age: largest window W in training steps; an entry pushed at step s is alive at step t
         iff ``t - s <= W``.
-    capacity: hard bound on stored trajectories (oldest evicted first on overflow).
+    capacity: hard bound on stored trajectories; null (default): ``max_age`` x the rollouts of one
+        step (``data.train_batch_size`` x ``rollout.n``; frozen: one step), so the age window, not
+        the count, decides what is kept (``plan`` shows the value). On overflow the oldest step
+        loses a random (seeded by the replay seed) subset of its rows, never the last-pushed ones
+        by position (verl's batch balancing orders them).
     window: ``fixed`` (W = max_age) or ``adaptive`` (W moves in [min_age, max_age] by drift).
     min_age: smallest window the adaptive rule may shrink to.
     drift_high / drift_low: adaptive thresholds on drift = mean |log pi_theta - stored| over
@@ -47,18 +57,28 @@ class BufferConfig(ConfigNode):
         admitted at the first training step (the start model's rollouts) are stored and the buffer
         never changes after that: nothing is pushed, nothing is evicted, ages grow. Frozen, each
         setting means: ``admit`` / ``admit_threshold`` / ``correct_threshold`` choose what the
-        fill keeps; ``capacity`` bounds the fill (an overflowing first step keeps its last
-        ``capacity`` admitted rows); ``max_age`` is not used (no age eviction; ``plan`` warns when
+        fill keeps; ``capacity`` bounds the fill (an overflowing first step keeps a random seeded
+        subset of ``capacity`` admitted rows); ``max_age`` is not used (no age eviction; ``plan`` warns when
         it is not the default); ``window`` must be ``fixed`` (an adaptive window would evict: refused),
         so ``min_age``, ``drift_*``, ``shrink_step``, ``grow_*`` are unused as with any fixed window.
         A fill smaller than one step's replay rows is drawn with replacement (the replay share stays
         DyJR's); a first step that admits nothing leaves the buffer empty for the whole run (warned).
+    logprobs: what each stored token's log-prob l is (u = pi_theta / exp(l)): ``rollout`` = vLLM's
+        log-prob of the token as it was sampled (``rollout_log_probs``, after temperature, top-k and
+        top-p), so E_{y~Q}[f(u)] is exactly the divergence to the sampling policy Q; needs
+        ``actor_rollout_ref.rollout.calculate_log_probs=true`` (verl's default). ``old`` = verl's
+        recomputed log-prob of the rollout policy (``old_log_probs``: the trainer's engine and
+        numerics, as pi_theta; temperature applied, no top-k/top-p), so an unchanged policy gives
+        u = 1 exactly and the drift read by the adaptive window has no vLLM-vs-trainer noise floor;
+        not with rollout-correction bypass mode (verl then does not recompute it: refused). With
+        ``rollout`` and top_p < 1 or top_k > 0 vLLM renormalises over the kept tokens, so every
+        replayed token has u < 1 and is pulled up (sharpening): ``plan`` and start-up warn.
     """
 
     default_path: ClassVar[str] = "dyjr.buffer"
 
     max_age: int = 4
-    capacity: int = 4096
+    capacity: Optional[int] = None
     window: Literal["fixed", "adaptive"] = "fixed"
     min_age: int = 1
     drift_high: float = 0.2
@@ -70,13 +90,20 @@ class BufferConfig(ConfigNode):
     admit_threshold: Optional[float] = field(default=None, metadata={"help": "admit=threshold admits rewards >= this"})
     correct_threshold: float = field(default=0.5, metadata={"help": "admit=correct admits rewards above this"})
     frozen: bool = False
+    logprobs: Literal["rollout", "old"] = "rollout"
+
+    @property
+    def logprobs_field(self) -> str:
+        """The step's field whose values are stored as each token's log-prob."""
+        return LOGPROBS_FIELDS[self.logprobs]
 
     def check(self, c: Checker) -> None:
         if c.ok("frozen", "window") and self.frozen and self.window == "adaptive":
             c.error("window", "must be 'fixed' with frozen=true (an adaptive window evicts, a frozen buffer never "
                     "does), got 'adaptive'")
         c.ge("max_age", self.max_age, 1)
-        c.ge("capacity", self.capacity, 1)
+        if self.capacity is not None:
+            c.ge("capacity", self.capacity, 1)
         c.ge("min_age", self.min_age, 1)
         if c.ok("min_age", "max_age") and self.min_age > self.max_age:
             c.error("min_age", f"must be <= {c.key('max_age')} ({self.max_age}), got {self.min_age}")
@@ -96,6 +123,16 @@ class BufferConfig(ConfigNode):
             c.error("admit_threshold", "must be set when admit is 'threshold'")
 
 
+def resolved_capacity(buffer: BufferConfig, rows_per_step: Optional[int]) -> Optional[int]:
+    """``buffer.capacity``, or for null ``max_age`` (frozen: 1) x ``rows_per_step`` (the rollouts of
+    one step, as ``plan`` counts them); None when neither is known (then only ages bound the buffer)."""
+    if buffer.capacity is not None:
+        return int(buffer.capacity)
+    if rows_per_step is None:
+        return None
+    return (1 if buffer.frozen else int(buffer.max_age)) * max(1, int(rows_per_step))
+
+
 @dataclass
 class JSConfig(ConfigNode):
     """The divergence regulariser on replayed tokens (see :mod:`dyjr_verl.methods.dyjr.divergence`). The node
@@ -113,6 +150,19 @@ class JSConfig(ConfigNode):
     log_u_clamp: log u = log pi_theta - stored is clamped to [-c, c] before f_JS; 20 matches
         verl's own ratio clamp and keeps f_JS finite (f_JS(e^20) ~ 3.4e8) in fp32 and bf16;
         gradients are zero beyond the clamp.
+    max_weight: cap on one replayed token's gradient weight w = d f / d log u on the u > 1 side
+        (``sampled`` estimator, both divergences; null: no cap). Uncapped, f_JS's weight
+        u log(2u / (u + 1)) is ~1e2 at log u = 5, 1.5e4 at 10 and 3e8 at the clamp (forward KL: u - 1),
+        so one token whose probability rose far above its stored one (a rare sampled token, the
+        vLLM-vs-trainer numeric tail) can outweigh thousands of policy-gradient tokens and, through
+        the global grad-norm clip, shrink the PG update. Above the log u where w reaches the cap
+        (u ~ 7.1 for JS, 5 for forward KL at the default) the term continues linearly in log u with
+        slope ``max_weight``: value and gradient continuous, f >= 0, nothing changes below.
+        Default 4: with ``coef`` 0.1, the default share of 1/8 and the ``separate`` normaliser, a
+        replayed token counts coef x fresh/replay tokens ~ 0.8 times a fresh token, so a capped token
+        weighs at most ~3 PG tokens of |A x ratio| = 1, about the largest GRPO token weight (|A| <= 2.5
+        with 8 rollouts, ratio <= 1 + clip_ratio_high). Scale it with share / coef to keep that.
+        ``replay/u_max`` and ``replay/u_above_10`` show how often it binds.
     normalizer: ``separate`` (replay tokens normalised by the replay-token count and fresh tokens
         by the fresh count of the mini-batch) or ``joint`` (verl's one count for both).
     """
@@ -124,6 +174,7 @@ class JSConfig(ConfigNode):
     estimator: Literal["sampled", "topk"] = "sampled"
     topk_k: int = 8
     log_u_clamp: float = 20.0
+    max_weight: Optional[float] = DEFAULT_MAX_WEIGHT
     normalizer: Literal["separate", "joint"] = "separate"
 
     def check(self, c: Checker) -> None:
@@ -131,6 +182,11 @@ class JSConfig(ConfigNode):
             c.ge("coef", self.coef, 0)
         if c.finite("log_u_clamp", self.log_u_clamp):
             c.gt("log_u_clamp", self.log_u_clamp, 0)
+        if self.max_weight is not None and c.finite("max_weight", self.max_weight):
+            c.gt("max_weight", self.max_weight, 0)
+        if c.ok("max_weight", "estimator") and self.estimator == "topk" and self.max_weight != DEFAULT_MAX_WEIGHT:
+            c.error("max_weight", f"caps the sampled estimator's weight; the exact top-k JS ({c.key('estimator')}=topk) "
+                    f"has a bounded gradient and would ignore it: leave it at {DEFAULT_MAX_WEIGHT}")
         c.ge("topk_k", self.topk_k, 1)
         if c.ok("divergence", "estimator") and self.estimator == "topk" and self.divergence != "js":
             c.error("divergence", f"{self.divergence} has no top-k estimator (the stored top-k record gives "
@@ -180,6 +236,9 @@ class DyJRConfig(ConfigNode):
             if js.divergence != "js":
                 c.error("replay.as_pg", f"replaces the divergence term, so {c.key('js.divergence')}={js.divergence} "
                         "would be ignored: leave it at js")
+            if js.max_weight != DEFAULT_MAX_WEIGHT:
+                c.error("replay.as_pg", f"replaces the divergence term, so {c.key('js.max_weight')}={js.max_weight} "
+                        f"would be ignored (the PG ratio is clipped): leave it at {DEFAULT_MAX_WEIGHT}")
             if js.coef == 0:
                 c.error("replay.as_pg", f"with {c.key('js.coef')}=0 trains nothing on replayed rows (that is the "
                         "lambda=0 ablation): drop as_pg or set coef > 0")
@@ -197,4 +256,68 @@ class DyJRConfig(ConfigNode):
         if self.enable and self.replay.as_pg and estimator not in PG_ADVANTAGE_ESTIMATORS:
             problems.append(f"dyjr.replay.as_pg stores one advantage per trajectory: it needs an outcome-level "
                             f"algorithm.adv_estimator ({', '.join(PG_ADVANTAGE_ESTIMATORS)}), got {estimator}")
+        if self.enable:
+            problems.extend(_stored_logprobs_problems(self.buffer.logprobs, config))
         return problems
+
+    def verl_warnings(self, config: Any) -> list[str]:
+        """Settings that run but work against the method with the rest of verl's config (``plan`` and
+        start-up print them)."""
+        return _stored_logprobs_warnings(self.buffer.logprobs, config) if self.enable else []
+
+    def replay_fingerprint(self) -> dict[str, Any]:
+        """What the stored rows mean and how they are laid out (:mod:`dyjr_verl.replay.checkpoint`):
+        the top-k record's k, the field stored as log-prob, the values admitted with each row."""
+        from dyjr_verl.methods.dyjr.buffer import TimeSensitiveBuffer  # imports this module
+
+        return {"method": self.default_path, "store": TimeSensitiveBuffer.__name__,
+                "record_k": self.js.topk_k if self.enable and self.js.estimator == "topk" else 0,
+                "admitted_fields": ["advantages"] if self.replay.as_pg else [],
+                "stored_log_probs": self.buffer.logprobs_field}
+
+
+_ROLLOUT = "actor_rollout_ref.rollout"
+
+
+def _stored_logprobs_problems(logprobs: str, config: Any) -> list[str]:
+    """``buffer.logprobs`` choices whose log-probs this config does not produce."""
+    from omegaconf import OmegaConf
+
+    from dyjr_verl.diagnostics.config import bypass_mode
+
+    if logprobs == "old":
+        if bypass_mode(config):
+            return ["dyjr.buffer.logprobs=old stores verl's recomputed old log-probs, but with "
+                    "algorithm.rollout_correction.bypass_mode=true verl recomputes none (old_log_probs := vLLM's "
+                    "rollout log-probs): use dyjr.buffer.logprobs=rollout, or bypass_mode=false"]
+        return []
+    if not OmegaConf.select(config, f"{_ROLLOUT}.calculate_log_probs", default=True):
+        return [f"dyjr.buffer.logprobs=rollout stores vLLM's log-probs, which verl records only with "
+                f"{_ROLLOUT}.calculate_log_probs=true: set it, or dyjr.buffer.logprobs=old"]
+    mode = str(OmegaConf.select(config, f"{_ROLLOUT}.logprobs_mode", default="processed_logprobs"))
+    if mode.endswith("_logits"):
+        return [f"dyjr.buffer.logprobs=rollout with {_ROLLOUT}.logprobs_mode={mode} would store logits, not "
+                "log-probs: use logprobs_mode=processed_logprobs, or dyjr.buffer.logprobs=old"]
+    return []
+
+
+def _stored_logprobs_warnings(logprobs: str, config: Any) -> list[str]:
+    """vLLM's processed log-prob is renormalised over the tokens top-k / top-p keep, so with
+    ``buffer.logprobs=rollout`` every stored l exceeds the untruncated log-prob pi_theta is compared
+    with: u < 1 on every replayed token even for an unchanged policy."""
+    from omegaconf import OmegaConf
+
+    if logprobs != "rollout":
+        return []
+    mode = str(OmegaConf.select(config, f"{_ROLLOUT}.logprobs_mode", default="processed_logprobs"))
+    if mode != "processed_logprobs":
+        return []  # raw log-probs are taken before top-k / top-p (logits modes are refused)
+    top_p = float(OmegaConf.select(config, f"{_ROLLOUT}.top_p", default=None) or 1.0)
+    top_k = int(OmegaConf.select(config, f"{_ROLLOUT}.top_k", default=None) or -1)  # 0 and -1: off
+    truncated = [text for text, on in ((f"top_p={top_p:g}", top_p < 1), (f"top_k={top_k}", top_k > 0)) if on]
+    if not truncated:
+        return []
+    return [f"dyjr.buffer.logprobs=rollout with {_ROLLOUT}.{' and '.join(truncated)}: vLLM's stored log-probs are "
+            "renormalised over the kept tokens, so EVERY replayed token has u = pi_theta / pi_stored < 1 and the "
+            "divergence pulls it up (sharpening, against DyJR's aim; the drift never falls to 0): set "
+            "dyjr.buffer.logprobs=old (verl's recomputed log-probs), or top_p=1 and top_k=-1"]

@@ -1,5 +1,6 @@
 """DyJR's divergence terms: the sampled-token Jensen-Shannon generator (DPH-RL's ``js_low_var``)
-and the forward-KL variant, as replay terms and as the registered ``dyjr_js`` policy loss.
+and the forward-KL variant, as replay terms (the same f_JS as a registered verl policy loss:
+:mod:`.policy_loss`).
 
 For a token ``y`` drawn from a reference policy Q (here: the policy that generated a buffer
 trajectory, whose log-prob ``l`` was stored) and the current policy P = pi_theta::
@@ -25,27 +26,6 @@ Replay terms (registered in :mod:`dyjr_verl.replay.terms` on import): ``js`` (f_
 coef 0.1) and ``forward_kl`` (u - 1 - log u, default coef 0.1), both without advantage;
 :func:`dyjr_loss_spec` turns the ``dyjr.js`` node into the spec of the replay-aware loss.
 
-Using JS in your own verl trainer: the ``dyjr_js`` policy loss
-------------------------------------------------------------------
-Without DyJR's buffer and trainer, the same f_JS anchor can be added to any verl 0.9.1 run through
-verl's policy-loss registry::
-
-    actor_rollout_ref.actor.policy_loss.loss_mode=dyjr_js
-    algorithm.rollout_correction.bypass_mode=true      # old_log_prob := the rollout log-probs
-    actor_rollout_ref.rollout.calculate_log_probs=true
-    +ray_kwargs.ray_init.runtime_env.env_vars.DYJR_JS_COEF='0.1'   # lambda (default 0.1)
-
-The loss is verl's vanilla clipped PG plus ``lambda * f_JS(exp(log_prob - old_log_prob))`` on
-*all* response tokens, aggregated like every verl loss (``global_batch_info``). It needs the
-``dyjr_verl`` plugin installed (``import verl`` registers it in every process) and old log-probs
-that are *not* the current policy's: bypass mode (above) anchors the update to the sampling
-policy, and with ``ppo_epochs > 1`` or several mini-batches the later ones are anchored to the
-step's start; with freshly recomputed old log-probs the term is zero on the first mini-batch.
-lambda comes from the environment variable ``DYJR_JS_COEF``: registry losses receive only verl's
-``ActorConfig``, which rejects extra keys, so an env var is the only channel that needs no verl
-change. Per-row replay masks and stored log-probs (DyJR proper) need the replay-aware engine loss
-(:mod:`dyjr_verl.replay.loss`) instead.
-
 Forward KL (DPH-RL's ``forward`` mode; DyJR's "Forward-kl" variant, ``dyjr.js.divergence=forward_kl``)
 uses the same u and the same clamp with the low-variance generator::
 
@@ -57,6 +37,24 @@ f_KL is convex, f(1) = f'(1) = 0, f >= 0; near u = 1, f_KL ~ (u - 1)^2 / 2 while
 so the same lambda is about twice as strong for small drift. Gradient: d f_KL / d log u = u - 1, in
 [-1, inf): a pull that does *not* fade for abandoned tokens (u -> 0 gives weight -1; f grows like
 -log u, at most 20 at the clamp), unlike f_JS.
+
+Bounded weight (``dyjr.js.max_weight``, both divergences, sampled estimator)
+------------------------------------------------------------------------------
+On the u > 1 side both weights grow without bound: w_JS ~ 1e2 at log u = 5, 1.5e4 at 10, 3e8 at the
+clamp; w_KL = u - 1. One token whose probability rose far above its stored one (a rare sampled token,
+the vLLM-vs-trainer numeric tail) would then outweigh thousands of PG tokens and, through the global
+grad-norm clip, shrink the PG update as well. With the cap W the term continues linearly above the
+knee b, the log u where w reaches W (:func:`weight_knee`)::
+
+    f_W(log u) = f(log u)                       for log u <= b
+               = f(b) + W (log u - b)           for log u >  b      (weight: min(w, W))
+
+Value and gradient are continuous; f_W equals f below the knee, stays >= 0 with its minimum 0 at
+u = 1, and its weight never decreases on the u > 1 side (convex in log u there); the
+stored-token mean then underestimates the divergence only through tokens beyond the knee, which
+``replay/u_max`` and ``replay/u_above_10`` (logged by the replay loss) show. Why W = 4 by default:
+:class:`~dyjr_verl.methods.dyjr.config.JSConfig`. The cap lives in :class:`DivergenceSpec` (built by
+:func:`dyjr_loss_spec`); a plain ``ReplayLossSpec(kind="js")`` has none.
 
 Replay as policy gradient (the ``dyjr.replay.as_pg`` ablation: FIFO experience replay)
 ----------------------------------------------------------------------------------------
@@ -73,22 +71,20 @@ normaliser, so the few lines of clipping are written here; a test checks them ag
 
 from __future__ import annotations
 
+import functools
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
+from dyjr_verl.methods.dyjr.config import DEFAULT_MAX_WEIGHT
 from dyjr_verl.replay.terms import DEFAULT_LOG_U_CLAMP, ReplayLossSpec, ReplayTermOutput, register_replay_term
 
 __all__ = [
     "LOG2",
     "DEFAULT_LOG_U_CLAMP",
-    "JS_COEF_ENV",
-    "DEFAULT_JS_COEF",
-    "DYJR_JS_LOSS_NAME",
     "f_js",
     "f_js_from_log",
     "js_grad_weight",
@@ -96,9 +92,10 @@ __all__ = [
     "js_term",
     "f_forward_kl_from_log",
     "forward_kl_grad_weight_from_log",
-    "js_coef_from_env",
-    "compute_policy_loss_dyjr_js",
-    "register_policy_losses",
+    "DEFAULT_MAX_WEIGHT",
+    "DivergenceSpec",
+    "weight_knee",
+    "capped_term",
     "CLIPPED_PG_TERM",
     "ClippedPGSpec",
     "clipped_pg_from_log",
@@ -110,9 +107,6 @@ LOG2 = math.log(2.0)
 #: log u below this is treated as u = 0 (exp underflows anyway); avoids 0 * inf = NaN.
 _LOG_U_FLOOR = -1.0e4
 
-JS_COEF_ENV = "DYJR_JS_COEF"
-DEFAULT_JS_COEF = 0.1
-DYJR_JS_LOSS_NAME = "dyjr_js"
 
 
 def _as_compute_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -191,86 +185,62 @@ def js_term(
     return f_js_from_log(log_u), log_u
 
 
-def js_coef_from_env() -> float:
-    """lambda for the registry loss, from ``$DYJR_JS_COEF`` (default 0.1); must be finite >= 0."""
-    raw = os.environ.get(JS_COEF_ENV)
-    if raw is None or raw.strip() == "":
-        return DEFAULT_JS_COEF
-    try:
-        coef = float(raw)
-    except ValueError:
-        raise ValueError(f"{JS_COEF_ENV} must be a number >= 0, got {raw!r}") from None
-    if not (math.isfinite(coef) and coef >= 0.0):
-        raise ValueError(f"{JS_COEF_ENV} must be a finite number >= 0, got {raw!r}")
-    return coef
+#: each divergence's (value, gradient weight) as functions of log u
+_DIVERGENCES = {"js": (f_js_from_log, js_grad_weight_from_log),
+                "forward_kl": (f_forward_kl_from_log, forward_kl_grad_weight_from_log)}
 
 
-def compute_policy_loss_dyjr_js(
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str = "token-mean",
-    config: Any = None,
-    rollout_is_weights: Optional[torch.Tensor] = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """verl vanilla clipped PG + lambda * agg(f_JS(exp(log_prob - old_log_prob))) on all tokens.
-
-    Aggregated with ``agg_loss(..., **config.global_batch_info)`` like every verl loss, so the
-    accumulated gradient does not depend on the micro-batch split or the dp size. Rollout IS
-    weights apply to the PG part only (the JS term is a regulariser, not an estimator of the
-    return).
-    """
-    from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss_vanilla
-
-    pg_loss, metrics = compute_policy_loss_vanilla(
-        old_log_prob=old_log_prob,
-        log_prob=log_prob,
-        advantages=advantages,
-        response_mask=response_mask,
-        loss_agg_mode=loss_agg_mode,
-        config=config,
-        rollout_is_weights=rollout_is_weights,
-    )
-    coef = js_coef_from_env()
-    mask = response_mask.bool()
-    term, log_u = js_term(log_prob, old_log_prob, mask)
-    batch_info = dict(getattr(config, "global_batch_info", None) or {})
-    js_loss = agg_loss(loss_mat=term, loss_mask=mask, loss_agg_mode=loss_agg_mode, **batch_info)
-    with torch.no_grad():
-        n = mask.sum().clamp(min=1)
-        metrics = dict(metrics)
-        metrics["actor/js_term"] = (term * mask).sum().div(n).item()  # local token mean of f_JS
-        metrics["actor/js_u_mean"] = (torch.exp(log_u) * mask).sum().div(n).item()
-        metrics["actor/js_coef"] = coef
-    return pg_loss + coef * js_loss.to(pg_loss.dtype), metrics
+@functools.lru_cache(maxsize=None)
+def weight_knee(divergence: str, max_weight: float) -> float:
+    """The log u > 0 where ``divergence``'s gradient weight reaches ``max_weight`` (> 0)."""
+    if divergence == "forward_kl":
+        return math.log1p(max_weight)  # u - 1 = W
+    # w_JS is increasing for u > 1 and u log 2 - 1 <= w < u log 2, so the root lies in this bracket
+    lo, hi = math.log(max_weight / LOG2), math.log((max_weight + 1) / LOG2)
+    weight = _DIVERGENCES[divergence][1]
+    for _ in range(100):  # bisection to float precision; runs once per (divergence, W)
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if float(weight(torch.tensor(mid, dtype=torch.float64))) < max_weight else (lo, mid)
+    return hi
 
 
-def register_policy_losses() -> list[str]:
-    """Register ``dyjr_js`` in verl's policy-loss registry (idempotent; safe to call repeatedly).
+def capped_term(divergence: str, log_u: torch.Tensor, max_weight: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f_W(log u), its gradient weight detached): the divergence continued linearly above the
+    knee with slope ``max_weight`` (module docstring); the plain term for ``max_weight=None``."""
+    f, w = _DIVERGENCES[divergence]
+    if max_weight is None:
+        return f(log_u), w(log_u.detach())
+    knee = weight_knee(divergence, float(max_weight))
+    below = log_u.clamp(max=knee)
+    knee_t = torch.tensor(knee, dtype=below.dtype, device=below.device)
+    above = f(knee_t) + w(knee_t) * (log_u - knee)  # w(knee) = max_weight up to float rounding
+    return torch.where(log_u > knee, above, f(below)), w(below.detach())
 
-    verl's ``register_policy_loss`` silently overwrites, so re-registration after a module reload
-    simply rebinds the name to the current function object.
-    """
-    from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, register_policy_loss
 
-    if POLICY_LOSS_REGISTRY.get(DYJR_JS_LOSS_NAME) is not compute_policy_loss_dyjr_js:
-        register_policy_loss(DYJR_JS_LOSS_NAME)(compute_policy_loss_dyjr_js)
-    return [DYJR_JS_LOSS_NAME]
+@dataclass(frozen=True)
+class DivergenceSpec(ReplayLossSpec):
+    """The replay spec plus the cap on one token's gradient weight (``dyjr.js.max_weight``; None: no cap)."""
 
+    max_weight: Optional[float] = DEFAULT_MAX_WEIGHT
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_weight is not None and not (math.isfinite(self.max_weight) and self.max_weight > 0):
+            raise ValueError(f"DivergenceSpec.max_weight must be a finite number > 0 or None, got {self.max_weight!r}")
 
 
 @register_replay_term("js", default_coef=0.1, default_normalizer="separate")
 def _js_replay_term(log_u, advantages, mask, spec, extra) -> ReplayTermOutput:
-    """DyJR: f_JS(u) on replayed tokens; the advantage is not used."""
-    return ReplayTermOutput(f_js_from_log(log_u) * mask, js_grad_weight_from_log(log_u.detach()))
+    """DyJR: f_JS(u) on replayed tokens (capped weight with a :class:`DivergenceSpec`); no advantage."""
+    value, weight = capped_term("js", log_u, getattr(spec, "max_weight", None))
+    return ReplayTermOutput(value * mask, weight)
 
 
 @register_replay_term("forward_kl", default_coef=0.1, default_normalizer="separate")
 def _forward_kl_replay_term(log_u, advantages, mask, spec, extra) -> ReplayTermOutput:
-    """DyJR (forward KL): u - 1 - log u on replayed tokens; the advantage is not used."""
-    return ReplayTermOutput(f_forward_kl_from_log(log_u) * mask, forward_kl_grad_weight_from_log(log_u.detach()))
+    """DyJR (forward KL): u - 1 - log u on replayed tokens (capped weight with a :class:`DivergenceSpec`)."""
+    value, weight = capped_term("forward_kl", log_u, getattr(spec, "max_weight", None))
+    return ReplayTermOutput(value * mask, weight)
 
 
 CLIPPED_PG_TERM = "clipped_pg"
@@ -336,7 +306,8 @@ def dyjr_loss_spec(cfg: Any, actor: Any = None, **overrides: Any) -> ReplayLossS
     ``js`` node): ``js.divergence`` picks the term (``js`` | ``forward_kl``), ``js.estimator=topk``
     the exact top-k JS (JS only; ``JSConfig.check`` refuses it with forward_kl), and
     ``replay.as_pg`` the clipped PG term with ``actor``'s clip bounds (verl's actor config; needed
-    then) and the same coef, clamp and normaliser."""
+    then) and the same coef, clamp and normaliser. The sampled terms get a :class:`DivergenceSpec`
+    carrying ``js.max_weight``."""
     js = getattr(cfg, "js", cfg)
     kind = getattr(js, "divergence", "js")
     if getattr(getattr(cfg, "replay", None), "as_pg", False):
@@ -348,15 +319,16 @@ def dyjr_loss_spec(cfg: Any, actor: Any = None, **overrides: Any) -> ReplayLossS
                       **actor_clip_bounds(actor))
         kwargs.update(overrides)
         return ClippedPGSpec(**kwargs)
-    if getattr(js, "estimator", "sampled") == "topk":
+    topk = getattr(js, "estimator", "sampled") == "topk"
+    if topk:
         if kind != "js":  # a node built in code skips JSConfig.check: refuse here as well
             raise ValueError(f"dyjr.js.estimator=topk computes JS only, not dyjr.js.divergence={kind}")
         from dyjr_verl.methods.dyjr.topk import TOPK_JS_TERM  # registers the term
 
         kind = TOPK_JS_TERM
     kwargs = dict(kind=kind, coef=js.coef, log_u_clamp=js.log_u_clamp, normalizer=js.normalizer)
+    if not topk:  # the sampled terms' weight cap (the exact top-k JS has a bounded gradient)
+        kwargs["max_weight"] = getattr(js, "max_weight", DEFAULT_MAX_WEIGHT)
     kwargs.update(overrides)
-    return ReplayLossSpec(**kwargs)
+    return ReplayLossSpec(**kwargs) if topk else DivergenceSpec(**kwargs)
 
-
-register_policy_losses()

@@ -24,8 +24,9 @@ estimate the sampled ``f_JS`` token mean is (E_Q[f_JS(P/Q)] = 2 JSD), so switchi
 Pieces:
 
 * the record itself and how it is built (:mod:`dyjr_verl.diagnostics.topk_record`: the old-log-prob
-  probe computes it); here: :func:`take_record` (the step's records as the loss's fields) and
-  :func:`record_fields` (stored records as the loss's fields);
+  probe computes it); here: :func:`take_record` (the admitted rows' records, read when they are
+  stored) and :func:`record_fields` (stored records as the update's jagged fields: replayed rows
+  only, empty on fresh rows);
 * :func:`topk_jsd`, :func:`topk_jsd_from_hidden`, :func:`jsd_from_logprobs`: per-token JSD;
   :func:`topk_js_loss`: masked aggregation with verl's ``agg_loss`` (same modes and
   ``global_batch_info`` normalisers as every verl loss).
@@ -44,6 +45,7 @@ import functools
 from typing import Any, Optional
 
 import torch
+from verl.utils.tensordict_utils import nested_tensor_from_tensor_list
 
 from dyjr_verl.diagnostics.topk_record import (
     TOPK_RECORD_PREFIX,
@@ -112,31 +114,49 @@ def record_read_fields(k: int) -> list[str]:
 
 
 def take_record(data: Any, k: int, *, dtype: torch.dtype = torch.bfloat16) -> list[TopKRecord]:
-    """The step's per-row records (response length each; ids int32, log-probs and rest mass in
-    ``dtype``: ``6k + 2`` bytes/token in bf16), copied so they pin no TransferQueue buffer."""
+    """The records of ``data``'s rows (the admitted ones; response length each; ids int32, log-probs
+    and rest mass in ``dtype``: ``6k + 2`` bytes/token in bf16), copied so they pin no
+    TransferQueue buffer."""
     rec = record_from_model_output(data, data, k, dtype=dtype)
     lengths = data["responses"].offsets().diff().tolist() if data["responses"].is_nested else [rec.ids.shape[1]] * len(rec.ids)
     return [TopKRecord(rec.ids[i, :n].clone(), rec.logp[i, :n].clone(), rec.log_rest[i, :n].clone())
             for i, n in enumerate(lengths)]
 
 
-def record_fields(records: list[TopKRecord], width: int) -> dict[str, torch.Tensor]:
-    """Records as the dense response-aligned fields the top-k loss reads, padded to ``width`` (at
-    least every record's length) so that rows of any step stack."""
-    width = max([width] + [int(r.ids.shape[0]) for r in records])
-    k = int(records[0].ids.shape[-1]) if records else 1
+def record_fields(records: list[Optional[TopKRecord]]) -> dict[str, torch.Tensor]:
+    """Records as the jagged response-aligned fields the top-k loss reads: each row's record at its
+    own length (a replayed row's response length), an empty one (0 positions) where a row has
+    none (fresh rows: they never read it). ``{}`` when no row has a record."""
+    given = [r for r in records if r is not None]
+    if not given:
+        return {}
+    k, like = int(given[0].ids.shape[-1]), given[0]
 
-    def stack(parts: list[torch.Tensor], tail: tuple) -> torch.Tensor:
-        out = parts[0].new_zeros((len(parts), width, *tail))
-        for i, p in enumerate(parts):
-            out[i, : p.shape[0]] = p
-        return out
+    def column(name: str, tail: tuple) -> torch.Tensor:
+        empty = getattr(like, name).new_zeros((0, *tail))
+        parts = [empty if r is None else getattr(r, name).contiguous() for r in records]
+        return nested_tensor_from_tensor_list(parts, ragged_idx=1)
 
-    return {
-        TOPK_IDS_KEY: stack([r.ids for r in records], (k,)),
-        TOPK_LOGP_KEY: stack([r.logp for r in records], (k,)),
-        TOPK_LOG_REST_KEY: stack([r.log_rest for r in records], ()),
-    }
+    return {TOPK_IDS_KEY: column("ids", (k,)), TOPK_LOGP_KEY: column("logp", (k,)),
+            TOPK_LOG_REST_KEY: column("log_rest", ())}
+
+
+def _response_aligned(field: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A record field (jagged or padded, (B, T, ...)) as a dense (B, >= width, ...) tensor, and each
+    row's record length (B,)."""
+    if getattr(field, "is_nested", False):
+        lengths = field.offsets().diff()
+        if int(lengths.max()) > 0:
+            out = field.to_padded_tensor(0)
+        else:  # every row empty
+            out = field.values().new_zeros((len(lengths), 0, *field.values().shape[1:]))
+    else:
+        out, lengths = field, torch.full((field.shape[0],), field.shape[1], dtype=torch.long)
+    if out.shape[1] < width:  # rows without a record (fresh rows) may have longer responses
+        wide = out.new_zeros((out.shape[0], width, *out.shape[2:]))
+        wide[:, : out.shape[1]] = out
+        out = wide
+    return out, lengths
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,13 +196,16 @@ def topk_js_logits_processor(student_logits: torch.Tensor, data, *, backend: str
     if missing:
         raise KeyError(f"micro-batch has replay rows but not the top-k record fields {missing} (see docs/topk.md)")
 
-    ids = dense(data[TOPK_IDS_KEY]).to(device)
-    logq = dense(data[TOPK_LOGP_KEY]).to(device)
-    lrest_q = dense(data[TOPK_LOG_REST_KEY]).to(device)
     rows, want, width = response_positions(data, n_local, device, row_filter=replay)
-    for name, t in ((TOPK_IDS_KEY, ids), (TOPK_LOGP_KEY, logq), (TOPK_LOG_REST_KEY, lrest_q)):
-        if t.shape[0] != bsz or t.shape[1] < width:
-            raise ValueError(f"'{name}' has shape {tuple(t.shape)}: need {bsz} rows and >= {width} response positions")
+    fields = []
+    for name in (TOPK_IDS_KEY, TOPK_LOGP_KEY, TOPK_LOG_REST_KEY):
+        t, lengths = _response_aligned(data[name], width)
+        beyond = torch.arange(width, device=device) >= lengths.to(device)[:, None]  # past the row's record
+        if t.shape[0] != bsz or bool((want & beyond).any()):
+            raise ValueError(f"'{name}' has shape {tuple(t.shape)}: need {bsz} rows and a record as long as "
+                             "each replayed row's response")
+        fields.append(t.to(device))
+    ids, logq, lrest_q = fields
     if rows.numel() == 0:
         return {TOPK_JSD_KEY: zeros[None], TOPK_MASS_KEY: zeros[None].clone()}
     k = ids.shape[-1]

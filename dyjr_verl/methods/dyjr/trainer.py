@@ -33,6 +33,7 @@ from dyjr_verl.methods.dyjr.buffer import TimeSensitiveBuffer, buffer_digest
 from dyjr_verl.methods.dyjr.config import DyJRConfig
 from dyjr_verl.methods.dyjr.divergence import dyjr_loss_spec
 from dyjr_verl.methods.dyjr.topk import TOPK_JS_TERM, make_topk_js_replay_loss_fn, record_fields, record_read_fields, take_record
+from dyjr_verl.plan import rollouts_per_step
 from dyjr_verl.replay.rows import Trajectory
 from dyjr_verl.replay.terms import ReplayLossSpec
 from dyjr_verl.replay.update_strategy import ReplayTrainer, UpdateRows
@@ -46,9 +47,13 @@ class DyJRTrainer(ReplayTrainer):
     config_class = DyJRConfig
     metric_prefix = "dyjr/"
 
+    def __init__(self, config: Any):
+        self._rows_per_step = rollouts_per_step(config)  # sizes dyjr.buffer.capacity=null (build_store runs first)
+        super().__init__(config)
+
     # -- the method ----------------------------------------------------------------------------------
     def build_store(self) -> TimeSensitiveBuffer:
-        return TimeSensitiveBuffer(self.method_config.buffer)
+        return TimeSensitiveBuffer(self.method_config.buffer, rows_per_step=self._rows_per_step)
 
     def loss_spec(self) -> ReplayLossSpec:
         return dyjr_loss_spec(self.method_config, actor=self.config.actor_rollout_ref.actor)
@@ -87,11 +92,14 @@ class DyJRTrainer(ReplayTrainer):
         return self.store.accepting and self.store.admits_reward(reward)
 
     def store_rows(self, step: int, trajectories: list[Trajectory], rejected: int) -> dict[str, float]:
-        self.store.push(step, trajectories, rejected=rejected)
+        self.store.push(step, trajectories, rejected=rejected, rng=self._replay_rng)  # seeded overflow subset
         return {}
 
     def before_update(self, step: int) -> None:
         self.store.advance(step)  # evict by age before drawing
+
+    def recorded_log_probs_key(self) -> str:
+        return self.method_config.buffer.logprobs_field  # dyjr.buffer.logprobs
 
     def after_update(self, update: UpdateRows, metrics: dict) -> None:
         drift = metrics.get("actor/replay/drift")
@@ -112,8 +120,7 @@ class DyJRTrainer(ReplayTrainer):
 
     # -- the top-k record (estimator=topk) ----------------------------------------------------------------
     def topk_record_k(self) -> int:
-        js = self.method_config.js
-        return int(js.topk_k) if self.replay_enabled() and js.estimator == "topk" else 0
+        return int(self.method_config.replay_fingerprint()["record_k"])  # one rule for the trainer and preflight
 
     def update_extra_info(self) -> dict[str, Any]:
         # the engine calls the loss as logits processor first (exact top-k JS)
@@ -128,7 +135,7 @@ class DyJRTrainer(ReplayTrainer):
         return take_record(data, k) if k else None
 
     def record_fields(self, records: list) -> dict[str, torch.Tensor]:
-        return record_fields(records, int(self.config.data.max_response_length))
+        return record_fields(records)
 
     def dropped_field(self, name: str) -> bool:
         return name.startswith(TOPK_RECORD_PREFIX)

@@ -3,7 +3,7 @@
     exgrpo:
       enable: true
       start_accuracy: 0.35     # replay starts once a step's fresh-rollout accuracy exceeds this
-      replay: {size: 0.5, min_buffer: 0, seed: 0}   # size = rho, share of the batch's questions
+      replay: {size: 0.5, min_buffer: 0, seed: null, resume_empty: false}   # size = rho, share of the batch's questions
       pool: {lbound: 0, rbound: null, logprobs: old, max_per_question: 0, correct_threshold: 0.5}
       select: {weighting: normal, sigma: 1.0, trajectory: min_entropy, max_candidates: 0}
       loss: {beta: 0.1, coef: 1.0, normalizer: joint, log_u_clamp: 20.0}
@@ -104,7 +104,7 @@ class ExGRPOLossConfig(ConfigNode):
 
 
 def _exgrpo_replay_default() -> ReplayConfig:
-    return ReplayConfig(size=0.5, min_buffer=0, seed=0)
+    return ReplayConfig(size=0.5, min_buffer=0)
 
 
 @dataclass
@@ -137,6 +137,12 @@ class ExGRPOConfig(ConfigNode):
         size = self.replay.size
         n = int(math.floor(size * batch_questions)) if isinstance(size, float) else int(size)
         return max(0, min(n, batch_questions))
+
+    def replay_fingerprint(self) -> dict[str, Any]:
+        """What the stored pool is (:mod:`dyjr_verl.replay.checkpoint`); Ex-GRPO records nothing per row."""
+        from dyjr_verl.methods.exgrpo.pool import ExperiencePool
+
+        return {"method": self.default_path, "store": ExperiencePool.__name__, "record_k": 0}
 
     def verl_problems(self, config: Any) -> list[str]:
         from omegaconf import OmegaConf

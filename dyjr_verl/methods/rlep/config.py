@@ -7,7 +7,8 @@
       min_correct: 2           # pool admission: >= 2 correct answers of N samples
       rescore: true            # replayed answers are scored by verl's reward workers
       append_eos: true         # stored strings are re-tokenised and end with EOS (official code)
-      seed: 0
+      seed: null               # null: the run's seed (data.seed, else actor_rollout_ref.rollout.seed)
+      resume_empty: false
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ class RLEPConfig(ConfigNode):
     rescore: score replayed answers with verl's reward workers (as RLEP's DAPO reward manager
         re-scores all G+M rows); false trusts the collection's verdict (score 1.0).
     append_eos: end each re-tokenised answer with the EOS token (the official data loader does).
-    seed: seed of the candidate draws.
+    seed: seed of the candidate draws; null derives it from the run's seed (``data.seed``, else
+        ``actor_rollout_ref.rollout.seed``), so runs with different seeds draw different answers.
+    resume_empty: a resume from a verl checkpoint without replay state starts with a fresh draw
+        stream (and a warning); false refuses it.
     """
 
     default_path: ClassVar[str] = "rlep"
@@ -42,13 +46,22 @@ class RLEPConfig(ConfigNode):
     min_correct: int = 2
     rescore: bool = True
     append_eos: bool = True
-    seed: int = 0
+    seed: Optional[int] = None
+    resume_empty: bool = False
 
     def check(self, c: Checker) -> None:
         c.ge("replay_per_group", self.replay_per_group, 1)
         c.ge("min_correct", self.min_correct, 1)
+        if self.seed is not None:
+            c.ge("seed", self.seed, 0)
         if c.ok("enable", "pool_path") and self.enable and (not self.pool_path or self.pool_path == "???"):
             c.error("pool_path", "must be set (build the pool with `python -m dyjr_verl.methods.rlep.collect`)")
+
+    def replay_fingerprint(self) -> dict[str, Any]:
+        """What the stored pool is (:mod:`dyjr_verl.replay.checkpoint`); RLEP records nothing per row."""
+        from dyjr_verl.methods.rlep.pool import RLEPPool
+
+        return {"method": self.default_path, "store": RLEPPool.__name__, "record_k": 0}
 
     def verl_problems(self, config: Any) -> list[str]:
         from omegaconf import OmegaConf

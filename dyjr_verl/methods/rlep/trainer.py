@@ -97,9 +97,6 @@ class RLEPTrainer(GroupReplayTrainer):
     # 512 x 18 rows take 9 optimizer steps where GRPO takes 8 (docs/baselines.md)
     keeps_minibatch_rows = True
 
-    def replay_seed(self) -> int:
-        return int(self.method_config.seed)
-
     def build_store(self) -> RLEPPool:
         return load_pool(self.method_config)
 

@@ -98,16 +98,61 @@ def test_fifo_order_and_steps_must_not_go_backwards():
 # -- capacity --------------------------------------------------------------------------------
 
 
-def test_capacity_evicts_oldest_first():
+def test_capacity_evicts_from_the_oldest_step_first():
     b = buf(max_age=10, capacity=5)
     b.push(0, [traj(0, i) for i in range(3)])
-    b.push(1, [traj(1, i) for i in range(3)])
-    assert uids(b) == ["s0_1", "s0_2", "s1_0", "s1_1", "s1_2"]
+    b.push(1, [traj(1, i) for i in range(3)], rng=np.random.default_rng(1))
+    kept = uids(b)
+    assert len(kept) == 5 and kept[2:] == ["s1_0", "s1_1", "s1_2"] and set(kept[:2]) < {"s0_0", "s0_1", "s0_2"}
     m = b.metrics()
-    assert m["buffer/evicted_capacity"] == 1 and m["buffer/size"] == 5
-    b.push(2, [traj(2, i) for i in range(7)])  # a push larger than the capacity keeps its newest
-    assert uids(b) == [f"s2_{i}" for i in range(2, 7)]
-    assert len(b) == 5
+    assert m["buffer/evicted_capacity"] == 1 and m["buffer/size"] == 5 and m["buffer/capacity"] == 5
+    b.push(2, [traj(2, i) for i in range(7)], rng=np.random.default_rng(1))  # larger than the capacity
+    kept = uids(b)
+    assert len(kept) == 5 and set(kept) < {f"s2_{i}" for i in range(7)} and kept == sorted(kept)  # push order
+
+
+def test_overflow_drops_a_seeded_random_subset_not_the_first_pushed():
+    """Issue 14: a step's rows arrive in verl's _balance_batch order (by rank), so keeping the
+    last-pushed rows keeps a non-random subset; overflow draws what it drops from the caller's rng."""
+    pushed = [traj(1, i) for i in range(40)]
+
+    def kept(seed: int) -> list[str]:
+        b = buf(max_age=4, capacity=10)
+        b.push(1, pushed, rng=np.random.default_rng(seed))
+        return uids(b)
+
+    first = kept(7)
+    assert first == kept(7) and first != kept(8)  # reproducible, and the seed matters
+    assert first != uids(pushed[-10:]) and first != uids(pushed[:10])
+    assert first == sorted(first, key=lambda u: int(u.split("_")[1]))  # kept rows stay in push order
+    counts = np.zeros(40)
+    for seed in range(400):  # every position is kept equally often: 100 expected, sd ~ 8.7
+        for u in kept(seed):
+            counts[int(u.split("_")[1])] += 1
+    assert counts.min() > 60 and counts.max() < 140
+
+
+def test_capacity_null_is_max_age_steps_of_rollouts_so_the_window_binds():
+    """Issue 14: the default capacity is derived from the rollouts per step (plan), so every age up
+    to max_age is stored; a capacity of one step's rollouts would keep age 1 only."""
+    assert BufferConfig().capacity is None
+    assert TimeSensitiveBuffer(BufferConfig(max_age=3), rows_per_step=4).capacity == 12
+    assert TimeSensitiveBuffer(BufferConfig(max_age=3, frozen=True), rows_per_step=4).capacity == 4
+    assert TimeSensitiveBuffer(BufferConfig(max_age=3, capacity=5), rows_per_step=4).capacity == 5
+    assert TimeSensitiveBuffer(BufferConfig(max_age=3)).capacity is None  # unknown: ages alone bound it
+    assert "buffer/capacity" not in TimeSensitiveBuffer(BufferConfig(max_age=3)).metrics()
+
+    def ages_at_sampling(b: TimeSensitiveBuffer) -> list[int]:
+        for step in range(6):
+            b.advance(step)
+            ages = sorted(set(b.ages().tolist()))
+            b.push(step, [traj(step, i) for i in range(4)])
+        return ages
+
+    auto = TimeSensitiveBuffer(BufferConfig(max_age=3, admit="all"), rows_per_step=4)
+    assert ages_at_sampling(auto) == [1, 2, 3] and len(auto) == 12
+    one_step = TimeSensitiveBuffer(BufferConfig(max_age=3, capacity=4, admit="all"))
+    assert ages_at_sampling(one_step) == [1]  # max_age has no effect
 
 
 # -- admission -------------------------------------------------------------------------------
@@ -227,10 +272,10 @@ def test_state_dict_round_trip_is_exact():
         x.report_drift(0.01)
         x.push(5, [traj(5, 0)])
     assert list(c) == list(b) and c.metrics() == b.metrics() and c.state_dict()["calm"] == b.state_dict()["calm"]
-    # a smaller capacity on resume just evicts the oldest
+    # a smaller capacity on resume just evicts from the oldest steps (a seeded subset of the last one)
     d = TimeSensitiveBuffer(BufferConfig(max_age=3, capacity=2, admit="all"))
     d.load_state_dict(state)
-    assert uids(d) == snapshot[-2:]
+    assert len(d) == 2 and set(uids(d)) < set(snapshot[-3:])
 
 
 def test_invalid_config_rejected():

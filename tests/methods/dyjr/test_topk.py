@@ -451,3 +451,53 @@ def test_logits_processor_sequence_parallel_slices(monkeypatch):
         assert float(full[key].abs().sum()) > 0
 
 
+
+
+# ----------------------------------------------------------------------------------------------
+# the record on the update's rows (issue 14: jagged, replayed rows only)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_record_fields_are_jagged_at_each_rows_length_and_empty_on_fresh_rows():
+    gen = torch.Generator().manual_seed(3)
+    a = build_topk_record(torch.randn(3, 20, generator=gen), 4)
+    b = build_topk_record(torch.randn(5, 20, generator=gen), 4)
+    fields = T.record_fields([a, None, b, None])
+    assert fields[TOPK_IDS_KEY].dtype == torch.int32 and fields[TOPK_LOGP_KEY].dtype == torch.bfloat16
+    for key, name in ((TOPK_IDS_KEY, "ids"), (TOPK_LOGP_KEY, "logp"), (TOPK_LOG_REST_KEY, "log_rest")):
+        t = fields[key]
+        assert t.is_nested and t.offsets().diff().tolist() == [3, 0, 5, 0], key  # not padded to a width
+        parts = t.unbind()
+        assert torch.equal(parts[0], getattr(a, name)) and torch.equal(parts[2], getattr(b, name))
+        assert parts[1].numel() == 0 and parts[3].numel() == 0
+    assert T.record_fields([None, None]) == {}
+
+
+def test_engine_integration_with_records_on_replayed_rows_only():
+    """The update's fields: a replayed row's record at its response length, an empty one on fresh
+    rows (here the widest row is fresh); verl's micro-batch split of them and the loss give the
+    reference gradient."""
+    policy, policy_q = PackedPolicy(0), PackedPolicy(1)
+    lengths = make_batch(policy_q, seed=5)[0]["responses"].offsets().diff().tolist()
+    widest = max(range(len(lengths)), key=lengths.__getitem__)
+    replay_rows = tuple(i for i in range(len(lengths)) if lengths[i] < lengths[widest])[:3]
+    td, ends = make_batch(policy_q, seed=5, replay_rows=replay_rows, nested_record=True)
+    records = [TopKRecord(td[TOPK_IDS_KEY][b], td[TOPK_LOGP_KEY][b], td[TOPK_LOG_REST_KEY][b])
+               if b in replay_rows else None for b in range(len(td))]
+    for key, value in T.record_fields(records).items():
+        td[key] = value
+    assert td[TOPK_IDS_KEY].offsets().diff()[widest] == 0
+    cfg = actor_config()
+    fn = make_topk_js_replay_loss_fn(cfg, ReplayLossSpec(kind="topk_js", coef=0.2))
+    g_ref, _ = reference_grad(policy, policy_q, cfg, td.clone(), ends, coef=0.2)
+    for micro in (1, 2, 3):
+        g, _, _ = engine_step(policy, fn, td.clone(), micro=micro)
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-7)
+    # a replayed row whose record is shorter than its response is refused, never read as zeros
+    short = list(records)
+    short[replay_rows[0]] = None
+    bad = td.clone()
+    for key, value in T.record_fields(short).items():
+        bad[key] = value
+    with pytest.raises(ValueError, match="as long as each replayed row"):
+        fn(student_logits=policy.logits(bad)[None], data=bad)
