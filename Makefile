@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: install demo test test-unit test-e2e test-smollm2 doctor assets bench clean mini mini-ablation mini-report mini-sql smollm2 \
+.PHONY: install demo test test-unit test-e2e test-smollm2 test-dp2 doctor assets bench clean mini mini-ablation mini-report mini-sql smollm2 \
 	collapse collapse-ablation collapse-report
 
 # The CPU build of torch must be installed before anything that depends on torch, or pip pulls the
@@ -41,15 +41,19 @@ demo: install assets doctor
 	$(PY) -m verl.trainer.main_ppo --config-path "$(CURDIR)/dyjr_verl/recipes" --config-name $(RECIPE) \
 	    trainer.total_training_steps=$(STEPS) 2>&1 | $(PY) -m dyjr_verl.analysis.steps --log runs/demo_$(RECIPE).log
 
-# The SmolLM2 end-to-end check (~11 min, needs `make smollm2`) is opt-in: make test-smollm2.
+# Opt-in: the SmolLM2 end-to-end check (~11 min, needs `make smollm2`): make test-smollm2;
+# dp = 2 against dp = 1 through verl's trainer (~15 min): make test-dp2.
 test: install
-	$(PY) -m pytest -q tests -m "not smollm2"
+	$(PY) -m pytest -q tests -m "not smollm2 and not dp2"
 
 test-unit: install
 	$(PY) -m pytest -q tests -m "not e2e"
 
 test-e2e: install
-	$(PY) -m pytest -q tests -m "e2e and not smollm2"
+	$(PY) -m pytest -q tests -m "e2e and not smollm2 and not dp2"
+
+test-dp2: install
+	$(PY) -m pytest -q tests/test_e2e_dp2.py -m dp2
 
 test-smollm2: install smollm2
 	$(PY) -m dyjr_verl.experiments.collapse_data --out $(COLLAPSE_DATA)

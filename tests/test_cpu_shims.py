@@ -127,6 +127,28 @@ def test_cpu_mode_selects_the_cpu_platform():
     assert out.stdout.split()[-6:] == ["True", "cpu", "gloo", "CPU", "GPU", "True"]
 
 
+def test_cpu_platform_counts_the_logical_devices_ray_assigned():
+    # Ray sets CUDA_VISIBLE_DEVICES to the logical GPU ids of an actor (trainer.n_gpus_per_node of them
+    # are declared in the CPU recipes); the platform counts them as CUDA would
+    code = """
+        import verl
+        from verl.plugin.platform import get_platform
+        from verl.utils.device import get_torch_device
+        print("count", get_platform().device_count(), get_torch_device().device_count())
+        """
+    assert run_py(code, DYJR_CPU="1", CUDA_VISIBLE_DEVICES="0,1").stdout.split()[-3:] == ["count", "2", "2"]
+    assert run_py(code, DYJR_CPU="1", CUDA_VISIBLE_DEVICES="1").stdout.split()[-3:] == ["count", "1", "1"]
+    assert run_py(code, DYJR_CPU="1", CUDA_VISIBLE_DEVICES="").stdout.split()[-3:] == ["count", "1", "1"]
+
+
+def test_cpu_recipes_declare_one_logical_gpu_per_fsdp_rank(repo_root):
+    from omegaconf import OmegaConf
+
+    runtime = OmegaConf.load(repo_root / "dyjr_verl" / "recipes" / "_cpu_runtime.yaml")
+    runtime.trainer.n_gpus_per_node = 2
+    assert runtime.ray_kwargs.ray_init.num_gpus == 2
+
+
 def test_cpu_mode_off_leaves_verl_untouched():
     out = run_py(
         """

@@ -5,13 +5,15 @@ accelerator it falls back to "nvidia" and dies in NCCL/CUDA calls. This platform
 calls for the CPU: gloo for collectives, the CPU as the current device, no-ops for streams, memory
 statistics, NVTX and profilers. Ray resource pools in verl 0.9.1 hard-code GPU bundles
 (``single_controller/ray/base.py:208``), so the platform keeps the Ray resource name "GPU" and the
-CPU recipes declare one logical GPU to Ray (``+ray_kwargs.ray_init.num_gpus=1``).
+CPU recipes declare ``trainer.n_gpus_per_node`` logical GPUs to Ray (``ray_kwargs.ray_init.num_gpus``);
+each FSDP rank is then one process on the CPU, talking gloo (``trainer.n_gpus_per_node=2``: dp = 2).
 
 Upstreamable form: ``patches/verl-0.9.1/0001-cpu-platform.diff``.
 """
 
 from __future__ import annotations
 
+import os
 import types
 from contextlib import contextmanager
 from typing import Any, Optional
@@ -21,6 +23,20 @@ from verl.plugin.platform.platform_base import PlatformBase
 from verl.plugin.platform.platform_manager import PlatformRegistry
 
 PLATFORM_NAME = "cpu"
+
+
+def logical_device_count() -> int:
+    """Devices this process sees, as CUDA would count them: the logical GPU ids Ray assigned to this
+    actor (``CUDA_VISIBLE_DEVICES``), else the logical GPUs declared to this process's Ray cluster
+    (``trainer.n_gpus_per_node`` in the CPU recipes), else 1."""
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if visible:
+        return len(visible)
+    import ray
+
+    if ray.is_initialized():
+        return max(1, int(ray.cluster_resources().get("GPU", 1)))
+    return 1
 
 
 class _CpuDeviceModule(types.ModuleType):
@@ -41,7 +57,7 @@ class _CpuDeviceModule(types.ModuleType):
 
     @staticmethod
     def device_count() -> int:
-        return 1
+        return logical_device_count()
 
     @staticmethod
     def current_device() -> int:
@@ -132,7 +148,7 @@ class PlatformCPU(PlatformBase):
         return torch.device("cpu")
 
     def device_count(self) -> int:
-        return 1
+        return logical_device_count()
 
     def set_device(self, device_index: int) -> None:
         return None
