@@ -258,8 +258,8 @@ def _check_resume(config: DictConfig) -> list[str]:
     ``resume_empty``. The trainer checks the state again on load (:mod:`dyjr_verl.replay.base`);
     here a mismatch is one line before Ray starts instead of a Ray stack trace."""
     from dyjr_verl.replay.checkpoint import (
-        BUFFER_CKPT_NAME, ReplayStateError, check_fingerprint, missing_state_error, read_fingerprint,
-        replay_state_folder, resume_folder, start_empty_remedy,
+        BUFFER_CKPT_NAME, ReplayStateError, check_fingerprint, mismatch_remedy, missing_state_error,
+        read_fingerprint, replay_state_folder, resume_folder,
     )
     from dyjr_verl.replay.config import replay_setting
 
@@ -282,8 +282,7 @@ def _check_resume(config: DictConfig) -> list[str]:
     try:
         saved = read_fingerprint(state_folder)
         if saved is not None:
-            check_fingerprint(saved, parsed.replay_fingerprint(), pickle_path,
-                              f"resume with the settings it was saved with, or {start_empty_remedy(empty_key)}")
+            check_fingerprint(saved, parsed.replay_fingerprint(), pickle_path, mismatch_remedy(empty_key))
         elif not os.path.exists(pickle_path) and not empty_ok:
             raise missing_state_error(int(step), pickle_path, empty_key)
     except ReplayStateError as exc:

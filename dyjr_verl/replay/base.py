@@ -33,7 +33,7 @@ from dyjr_verl import plugin
 from dyjr_verl.diagnostics.trainer import ProbedSyncTrainer
 from dyjr_verl.replay.checkpoint import (
     check_fingerprint, load_replay_state, missing_state_error, replay_state_folder, restore_store, save_replay_state,
-    resume_folder, start_empty_remedy,
+    mismatch_remedy, resume_folder, start_empty_remedy,
 )
 from dyjr_verl.replay.config import replay_setting, run_seed
 from dyjr_verl.replay.layout import UpdateShape, forward_row_multiple, training_micro_batch
@@ -185,8 +185,7 @@ class ReplayTrainerBase(ProbedSyncTrainer):
             print(f"WARNING: {self.config_node}: resumed at step {self.global_steps} without {path}: the replay store "
                   f"starts empty ({empty_key}=true)", flush=True)
             return
-        check_fingerprint(state, self.state_fingerprint(), path,
-                          f"resume with the settings it was saved with, or {start_empty}")
+        check_fingerprint(state, self.state_fingerprint(), path, mismatch_remedy(empty_key))
         restore_store(self.store, state, path, start_empty)
         self._replay_rng.bit_generator.state = state["rng"]
         self.load_extra_state(state.get("extra", {}))

@@ -29,7 +29,7 @@ from typing import Any, Optional
 __all__ = [
     "BUFFER_CKPT_NAME", "ReplayStateError", "replay_state_folder", "save_replay_state", "load_replay_state",
     "check_fingerprint", "restore_store", "FINGERPRINT_NAME", "read_fingerprint", "resume_folder",
-    "missing_state_error", "start_empty_remedy",
+    "missing_state_error", "start_empty_remedy", "mismatch_remedy",
 ]
 
 BUFFER_CKPT_NAME = "dyjr_replay_state.pkl"
@@ -93,6 +93,11 @@ def load_replay_state(folder: Optional[str]) -> tuple[Optional[str], Optional[di
 
 def start_empty_remedy(empty_key: str) -> str:
     return f"move the file away and set {empty_key}=true to start with an empty store"
+
+
+def mismatch_remedy(empty_key: str) -> str:
+    """What to do about a fingerprint mismatch (the start-up check and the trainer say the same)."""
+    return f"resume with the settings it was saved with, or {start_empty_remedy(empty_key)}"
 
 
 def missing_state_error(step: int, path: str, empty_key: str) -> ReplayStateError:
