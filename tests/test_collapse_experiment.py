@@ -353,12 +353,38 @@ def test_rlep_collects_once_per_seed_and_keeps_the_pool_until_the_run_is_finishe
     assert not (exp.runs[0].dir(exp.out) / "rlep_pool.parquet").exists()
 
 
+def test_a_partial_run_is_extended_to_more_steps_from_its_checkpoint_but_not_shortened(tmp_path, fake_verl):
+    exp = comparison(tmp_path / "runs", ["grpo"], [0], CollapseSettings(steps=10, save_freq=5, test_freq=10))
+    run_dir = exp.runs[0].dir(exp.out)
+    longer = comparison(tmp_path / "runs", ["grpo"], [0], CollapseSettings(steps=20, save_freq=5, test_freq=10))
+    fake_verl.kill_after = 8
+    with pytest.raises(Killed):
+        _launch(exp)
+    assert segments.latest_checkpoint(run_dir / "checkpoints") == 5
+    assert _launch(longer) == 0
+    assert [c["start"] for c in fake_verl.calls if "start" in c] == [0, 5]  # continued, not restarted
+    record = json.loads((run_dir / "run.json").read_text())
+    assert sorted(int(s) for s in record["steps"]) == list(range(21)) and record["settings"]["steps"] == 20
+    assert all("commit" in s for s in record["segments"])
+    # finished with 20 steps: a 30-step launch cannot extend it (its checkpoints are gone)
+    with pytest.raises(collapse.CollapseError, match="other settings"):
+        _launch(comparison(tmp_path / "runs", ["grpo"], [0], CollapseSettings(steps=30, save_freq=5, test_freq=10)))
+
+    short_dir = tmp_path / "short"
+    exp = comparison(short_dir, ["grpo"], [0], CollapseSettings(steps=20, save_freq=5, test_freq=10))
+    fake_verl.kill_after = 16
+    with pytest.raises(Killed):
+        _launch(exp)  # checkpoint 15
+    with pytest.raises(collapse.CollapseError, match="other settings"):  # 10 steps < the checkpoint's 15
+        _launch(comparison(short_dir, ["grpo"], [0], CollapseSettings(steps=10, save_freq=5, test_freq=10)))
+
+
 def test_runs_made_with_other_settings_are_refused_unless_redo_stale(tmp_path, fake_verl):
     exp = comparison(tmp_path / "runs", ["grpo"], [0], CollapseSettings(steps=10))
     fake_verl.kill_after = 6
     with pytest.raises(Killed):
         _launch(exp)
-    other = comparison(tmp_path / "runs", ["grpo"], [0], CollapseSettings(steps=20))
+    other = comparison(tmp_path / "runs", ["grpo"], [0], CollapseSettings(steps=10, val_k=32))
     with pytest.raises(collapse.CollapseError, match="other settings"):
         _launch(other)
     assert _launch(other, redo_stale=True) == 0
@@ -409,7 +435,7 @@ def test_cli_rejects_bad_input_with_one_line(capsys):
 
 def test_the_estimate_adds_up():
     cost = CostModel()
-    s = CollapseSettings()
+    s = CollapseSettings(steps=20)
     exp = comparison(Path("r"), list(MAIN_METHODS), [0, 1, 2], s)
     per = cost.run_s(s, exp.eval_questions)
     assert cost.validations(s) == 3  # steps 0, 10, 20

@@ -18,7 +18,8 @@ samples, pass@k for k = 1..64, distinct correct answers. Collection and evaluati
 recipes' reward, ``dyjr_verl.rewards.final_number`` (:data:`REWARD`). ``run.json`` marks a finished run; then the
 checkpoints, the pool and the merged model are deleted.
 
-**Resume.** A run without ``run.json`` whose ``spec.json`` has the current fingerprint is continued:
+**Resume.** A run without ``run.json`` whose ``spec.json`` has the current training fingerprint (every
+setting but the run's length: ``--steps`` may grow between launches) is continued:
 the trainer is relaunched with ``trainer.resume_mode=auto`` on the same ``checkpoints/`` and goes on
 from the latest checkpoint, logging to a new ``metrics.<n>.jsonl`` (verl's file logger truncates its
 file); the segments are merged by :mod:`dyjr_verl.experiments.segments`. A run whose training is
@@ -48,6 +49,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -197,17 +199,40 @@ def child_env(inputs: Inputs, segment_file: Path | None = None) -> dict[str, str
     return env
 
 
-def run_state(run_dir: Path, fingerprint: str) -> str:
-    """``done`` (skip) | ``stale`` (refuse unless --redo-stale) | ``resume`` | ``fresh``."""
-    for name, ok in ((RUN_FILE, "done"), (SPEC_FILE, "resume")):
+def run_state(run_dir: Path, fingerprint: str, training_fingerprint: str | None = None, steps: int | None = None) -> str:
+    """``done`` (skip) | ``stale`` (refuse unless --redo-stale) | ``resume`` | ``fresh``. A finished run
+    must match ``fingerprint``; a partial one ``training_fingerprint`` (its length may grow, not shrink
+    below its latest checkpoint)."""
+    for name, ok, expected in ((RUN_FILE, "done", fingerprint), (SPEC_FILE, "resume", training_fingerprint or fingerprint)):
         path = run_dir / name
         if path.is_file():
             try:
                 record = json.loads(path.read_text())
             except json.JSONDecodeError:
                 return "fresh"  # a file cut short by a kill: nothing to trust in the directory
-            return ok if record.get("fingerprint") == fingerprint else "stale"
+            if record.get("fingerprint") != expected:
+                return "stale"
+            if ok == "resume" and steps is not None and segments.latest_checkpoint(run_dir / CHECKPOINTS) > steps:
+                return "stale"  # trained past the requested length: cannot be shortened
+            return ok
     return "fresh"
+
+
+def run_fingerprints(exp: CollapseExperiment, run: RunSpec, inputs: Inputs) -> dict[str, Any]:
+    """run_state's arguments for ``run``."""
+    return {"fingerprint": exp.fingerprint(run, inputs.data_manifest, inputs.model_manifest),
+            "training_fingerprint": exp.fingerprint(run, inputs.data_manifest, inputs.model_manifest, training_only=True),
+            "steps": exp.settings.steps}
+
+
+def code_commit() -> str | None:
+    """The commit of the checkout this package runs from (recorded per segment: runs span sessions)."""
+    try:
+        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def read_run_steps(run_dir: Path) -> tuple[Steps, list[str]]:
@@ -279,8 +304,9 @@ def execute(exp: CollapseExperiment, run: RunSpec, inputs: Inputs, *, budget: Bu
     checkpoint by the budget) | ``deferred`` (nothing launched: no quantum fits) | ``failed``."""
     run_dir = run.dir(exp.out)
     tag = f"[{run.label} seed {run.seed}]"
-    fingerprint = exp.fingerprint(run, inputs.data_manifest, inputs.model_manifest)
-    state = run_state(run_dir, fingerprint)
+    prints = run_fingerprints(exp, run, inputs)
+    fingerprint = prints["fingerprint"]
+    state = run_state(run_dir, **prints)
     if state == "done":
         return "skipped"
     if state == "stale" and not redo_stale:
@@ -304,7 +330,7 @@ def execute(exp: CollapseExperiment, run: RunSpec, inputs: Inputs, *, budget: Bu
             ray_stop(dl.ray_stop_s)  # a killed trainer may have left its Ray cluster behind
         run_dir.mkdir(parents=True, exist_ok=True)
         if state != "resume":
-            write_json_atomic(run_dir / SPEC_FILE, {"fingerprint": fingerprint, **asdict(run),
+            write_json_atomic(run_dir / SPEC_FILE, {"fingerprint": prints["training_fingerprint"], **asdict(run),
                                                     "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
         try:
             if run.method == "rlep" and not commands.rlep_pool_path(run_dir).is_file():
@@ -319,7 +345,7 @@ def execute(exp: CollapseExperiment, run: RunSpec, inputs: Inputs, *, budget: Bu
                 progress(f"{tag} main_ppo {recipe(run)} segment {n}: steps {start + 1}..{end} of {exp.settings.steps}"
                          + (f" (resuming from global_step_{start})" if start else ""))
                 entry = {"segment": n, "resumed_from": start, "end_step": end,
-                         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "returncode": None}
+                         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "returncode": None, "commit": code_commit()}
                 _record_segment(run_dir, entry)  # a kill leaves this entry without a wall time
                 try:
                     result = run_logged(cmd, run_dir / f"main_ppo.{n}.log", cwd=run_dir,
@@ -382,7 +408,7 @@ def finish(exp: CollapseExperiment, run: RunSpec, run_dir: Path, fingerprint: st
         "data": inputs.data_manifest,
         "rlep_pool": "collected once per seed from the start model (SmolLM2-135M-Instruct)" if run.method == "rlep" else None,
         "eval": eval_summary(run_dir / "eval", exp.eval.ks), "collect": collect, "timing": timing,
-        "segments": [{k: s.get(k) for k in ("segment", "resumed_from", "end_step", "wall_s", "returncode")} for s in segs],
+        "segments": [{k: s.get(k) for k in ("segment", "resumed_from", "end_step", "wall_s", "returncode", "commit")} for s in segs],
         "steps_warnings": warnings, "steps_logged": len(steps), "steps": kept_steps(steps),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -406,7 +432,7 @@ def describe(exp: CollapseExperiment, inputs: Inputs, cost: CostModel, budget: B
     recipes = recipes_dir()
     for run in exp.runs:
         run_dir = run.dir(exp.out)
-        state = run_state(run_dir, exp.fingerprint(run, inputs.data_manifest, inputs.model_manifest))
+        state = run_state(run_dir, **run_fingerprints(exp, run, inputs))
         if state in ("done", "stale"):
             progress(f"  {run.label}/seed{run.seed}: {state}")
             continue

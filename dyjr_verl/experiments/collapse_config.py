@@ -50,7 +50,9 @@ DATA_ENV, MODEL_ENV = "DYJR_COLLAPSE_DATA", "DYJR_SMOLLM2_DIR"
 class CollapseSettings:
     """Identical for every run (and written into every run record)."""
 
-    steps: int = 20  # the search's GRPO: entropy halved by step 6, -80 % by step 19; 30 steps exceed the 8-h budget
+    # the search's GRPO halved entropy by step 6, the comparison's GRPO seed 0 only by step 19; the paper's
+    # re-inflation starts at step 25-30, so 30 steps (the budget's estimate: `estimate`)
+    steps: int = 30
     save_freq: int = 5  # checkpoint interval: a kill loses at most 5 steps
     test_freq: int = 10  # held-out mean@K every 10 steps (and at step 0 and the last step)
     val_k: int = 64  # samples per held-out question (issue: k >= 64)
@@ -101,9 +103,14 @@ class CollapseExperiment:
     def eval(self) -> EvalSettings:
         return collapse_eval(self.eval_split)
 
-    def fingerprint(self, run: RunSpec, data_manifest: dict, model_manifest: dict) -> str:
-        """What a run's result depends on; a run (finished or partial) made with another one is stale."""
-        blob = {"run": asdict(run), "settings": asdict(self.settings), "eval": asdict(self.eval),
+    def fingerprint(self, run: RunSpec, data_manifest: dict, model_manifest: dict, *, training_only: bool = False) -> str:
+        """What a run's result depends on; a finished run made with another one is stale. ``training_only``:
+        what its checkpoints depend on -- without the run's length, so that a partial run can be
+        extended to more steps by resuming from its checkpoints (verl's lr schedule here is constant)."""
+        settings = asdict(self.settings)
+        if training_only:
+            settings.pop("steps")
+        blob = {"run": asdict(run), "settings": settings, "eval": asdict(self.eval),
                 "eval_questions": self.eval_questions,
                 "collect": asdict(self.collect) if run.method == "rlep" else None,
                 "data": data_manifest, "model": {k: model_manifest.get(k) for k in ("source", "format", "parameters")}}
