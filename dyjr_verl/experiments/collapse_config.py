@@ -35,7 +35,7 @@ ABLATIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "dyjr_coef0": ("dyjr", ("dyjr.js.coef=0.0",)),  # replayed rows weigh nothing: is it the divergence term?
     "dyjr_admit_all": ("dyjr", ("dyjr.buffer.admit=all",)),
     "dyjr_adaptive_window": ("dyjr", ("dyjr.buffer.window=adaptive",)),  # vs the default fixed window
-    # modes the DyJR trainer does not have yet: refused at start-up (unknown key) until it does
+    # the two ablation modes of the DyJR trainer (methods/dyjr/config.py: buffer.frozen, replay.as_pg)
     "dyjr_frozen_ref": ("dyjr", ("dyjr.buffer.frozen=true",)),  # filled once from the start model
     "dyjr_replay_pg": ("dyjr", ("dyjr.replay.as_pg=true",)),  # replayed rows through the PG loss
 }
