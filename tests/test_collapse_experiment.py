@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dyjr_verl.experiments import collapse, mini, segments
+from dyjr_verl.experiments import collapse, collapse_config, mini, segments
 from dyjr_verl.experiments.collapse_config import (
     ABLATIONS,
     MAIN_METHODS,
@@ -562,3 +562,17 @@ def test_real_grpo_smollm2_run_killed_after_its_first_checkpoint_resumes_from_it
     finally:
         lock.close()
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+
+def test_an_edited_recipe_makes_a_partial_run_stale(tmp_path, fake_verl, monkeypatch):
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "_smollm2_arith.yaml").write_text("reward: {reward_manager: {name: naive}}\n")
+    monkeypatch.setattr(collapse_config, "recipes_dir", lambda: recipes)
+    exp = comparison(tmp_path / "runs", ["grpo"], [0], CollapseSettings(steps=10, save_freq=5, test_freq=10))
+    fake_verl.kill_after = 6
+    with pytest.raises(Killed):
+        _launch(exp)
+    (recipes / "_smollm2_arith.yaml").write_text("reward: {reward_manager: {name: dapo}}\n")
+    with pytest.raises(collapse.CollapseError, match="other settings"):
+        _launch(exp)

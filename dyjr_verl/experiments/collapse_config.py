@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dyjr_verl.experiments.config import CollectSettings, Deadlines, EvalSettings, RunSpec
+from dyjr_verl.recipes import recipes_dir
 
 #: label -> (recipe method, overrides). The five lines of the main comparison.
 MAIN_METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -86,6 +87,15 @@ def collapse_eval(split: str) -> EvalSettings:
     return EvalSettings(split=split, samples=64, ks=tuple(range(1, 65)), rank_k=0, temperature=1.0)
 
 
+def recipes_digest() -> str:
+    """Of every shipped recipe file: a run's checkpoints were trained with its recipe's whole composition
+    (an edit to a shared fragment such as _smollm2_arith.yaml makes partial runs stale, not resumable)."""
+    h = hashlib.sha256()
+    for path in sorted(recipes_dir().glob("*.yaml")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class CollapseExperiment:
     out: Path
@@ -110,7 +120,7 @@ class CollapseExperiment:
         settings = asdict(self.settings)
         if training_only:
             settings.pop("steps")
-        blob = {"run": asdict(run), "settings": settings, "eval": asdict(self.eval),
+        blob = {"run": asdict(run), "settings": settings, "eval": asdict(self.eval), "recipes": recipes_digest(),
                 "eval_questions": self.eval_questions,
                 "collect": asdict(self.collect) if run.method == "rlep" else None,
                 "data": data_manifest, "model": {k: model_manifest.get(k) for k in ("source", "format", "parameters")}}
