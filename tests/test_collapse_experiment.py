@@ -266,8 +266,8 @@ def fake_verl(tmp_path, monkeypatch):
     return fake
 
 
-def _launch(exp, **kw) -> int:
-    return collapse.launch(exp, cost=CostModel(), progress=lambda s: None, **kw)
+def _launch(exp, cost: CostModel | None = None, **kw) -> int:
+    return collapse.launch(exp, cost=cost or CostModel(), progress=lambda s: None, **kw)
 
 
 def test_a_killed_run_resumes_from_its_last_checkpoint_and_a_finished_one_is_skipped(tmp_path, fake_verl):
@@ -327,7 +327,8 @@ def test_a_run_whose_training_finished_is_only_evaluated(tmp_path, fake_verl, mo
 def test_the_budget_stops_on_a_checkpoint_and_the_next_launch_continues(tmp_path, fake_verl):
     exp = comparison(tmp_path / "runs", ["grpo", "dyjr"], [0], CollapseSettings(steps=30, save_freq=5, test_freq=10))
     # 25 min: start-up + step-0 and step-10 validations + 10 steps fit, 20 do not (60 s per step)
-    assert _launch(exp, budget_min=25) == 0
+    slow = CostModel(step_s=60.0, validation_s=77.0)
+    assert _launch(exp, slow, budget_min=25) == 0
     assert [c["end"] for c in fake_verl.calls if "start" in c] == [10]  # dyjr not started: budget spent
     run_dir = exp.runs[0].dir(exp.out)
     assert segments.latest_checkpoint(run_dir / "checkpoints") == 10 and not (run_dir / "run.json").exists()
@@ -439,7 +440,7 @@ def test_the_estimate_adds_up():
     exp = comparison(Path("r"), list(MAIN_METHODS), [0, 1, 2], s)
     per = cost.run_s(s, exp.eval_questions)
     assert cost.validations(s) == 3  # steps 0, 10, 20
-    assert per["training steps"] == 20 * 57 and per["total"] == pytest.approx(sum(v for k, v in per.items() if k != "total"))
+    assert per["training steps"] == 20 * cost.step_s and per["held-out validation"] == 3 * cost.validation_s and per["total"] == pytest.approx(sum(v for k, v in per.items() if k != "total"))
     est = cost.experiment_s(exp)
     assert est["rlep_collections"] == 3 and est["total_s"] == pytest.approx(15 * per["total"] + 3 * est["collect_s"])
     text = collapse.estimate_text(cost, 30, Path("d"))

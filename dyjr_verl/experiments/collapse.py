@@ -6,7 +6,7 @@ across sessions.
         [--steps N] [--out results/collapse/runs] [--budget-min M] [--dry-run] [--redo-stale]
     python -m dyjr_verl.experiments.collapse ablation [--variants ...] [--seed 0] [--out results/collapse/ablation] ...
     python -m dyjr_verl.experiments.collapse report [--runs ...] [--ablation ...] [--out results/collapse]
-    python -m dyjr_verl.experiments.collapse estimate [--step-s 57] [--tokens-per-s 300] [--steps N]
+    python -m dyjr_verl.experiments.collapse estimate [--step-s 40] [--tokens-per-s 300] [--steps N]
 
 Per run (``<out>/<label>/seed<s>/``), under ``/tmp/dyjr_e2e.lock``: RLEP's pool from the start model
 (RLEP only, once per seed, kept until the run is finished), then ``main_ppo`` with the method's
@@ -33,13 +33,11 @@ evaluation included, fits, otherwise to the last quantum that fits, so it stops 
 loses nothing. When not one quantum fits, nothing more is launched and the command exits 0 with the
 runs left. A kill (end of a session) loses at most ``save_freq`` steps.
 
-**Cost** (``estimate``; docs/collapse.md), from the search's measurements (results/collapse/search.md:
-57 s per GRPO step on a busy machine, 45 generated tokens per sample, ~300 tokens/s, start-up 90 s,
-checkpoint 5 s): one 20-step run is ~30 min (start-up 1.5, steps 19, checkpoints 0.3, held-out
-validation 8 x 64 samples at steps 0/10/20 3.8, test evaluation 24 x 65 samples 5.4), the 15 main
-runs plus three RLEP collections (9.6 min each) ~8.0 h, the six ablations ~2.7 h. At 30 steps (and 32
-test questions) the main comparison would be ~11.1 h. Replay steps are ~15 % slower than GRPO's (not
-in the model: ~+0.4 h). Resumable: docs/collapse.md says how to split it across sessions.
+**Cost** (``estimate``; docs/collapse.md), from the comparison's GRPO seed 0 (results/collapse/search.md
+s4: 40 s per step, 74-150 s per validation, start-up 90 s, checkpoint 5 s) and 45 generated tokens per
+start-model sample at ~300 tokens/s: one 30-step run is ~34 min (measured: 30.4 min of training, 3.8 min
+of test evaluation), the 15 main runs plus three RLEP collections ~9 h, the six ablations ~3 h.
+Resumable: docs/collapse.md says how to split it across sessions.
 """
 
 from __future__ import annotations
@@ -280,7 +278,7 @@ def plan_segment(exp: CollapseExperiment, run_dir: Path, budget: Budget, cost: C
     start = 0 if fresh else segments.latest_checkpoint(run_dir / CHECKPOINTS)
     step_s = None if fresh else measured_step_s(read_run_steps(run_dir)[0], _load_segments(run_dir))
     validations = (s.steps // s.test_freq - start // s.test_freq) + (start == 0)
-    overhead = (cost.startup_s + validations * cost.sampling_s(s.val_questions * s.val_k)
+    overhead = (cost.startup_s + validations * cost.validation_s
                 + (s.steps - start) / s.save_freq * cost.checkpoint_s)
     finish = cost.eval_fixed_s + cost.sampling_s(exp.eval_questions * (exp.eval.samples + 1))
     end = segments.segment_end(start, s.steps, s.quantum, remaining_s=budget.remaining(), step_s=step_s or cost.step_s,

