@@ -150,6 +150,10 @@ def _setup(runs: list[dict[str, Any]]) -> str:
         (f"- Final evaluation (`python -m dyjr_verl.eval`): the first {ev.get('questions')} questions of the "
          f"`{ev.get('split')}` split, greedy + {ev.get('samples')} samples at T = {ev.get('temperature')}, unbiased "
          "pass@k for k = 1…64, distinct correct answers per question."),
+        ("- Reward: the last stated number against the answer (`dyjr_verl.rewards.final_number`), through verl's "
+         "`dapo` reward manager with the soft overlong punishment of `_smollm2_arith.yaml` (−(length − 48)/16 over "
+         "48 tokens): the training-reward panel is that penalised score, in [−1, 1]; the held-out curve and the "
+         "final evaluation score the answer only."),
         ("- RLEP: its pool is collected once per seed from the start model (SmolLM2 stands in for RLEP's trained "
          "phase-1 checkpoint); the collection's wall time is part of RLEP's cost."),
         ("- Cost: steady step = median verl `timing_s/step` without each launch's first step; total wall = every "
