@@ -80,6 +80,8 @@ def test_dyjr_tiny_recipe_replays_through_the_js_term(assets, tmp_path):
     assert size[0] > 0 and all(s > 0 for s in size)  # fills from step 1
     assert sum(evicted) > 0  # entries older than max_age leave
     assert rows[0] == 0 and all(r > 0 for r in rows[1:])  # nothing to replay at step 1
+    distinct = _series(run, "dyjr/replay/distinct_rows")
+    assert all(0 < d <= r for d, r in zip(distinct[1:], rows[1:])), (distinct, rows)
     tokens = _series(run, "actor/replay/tokens")
     assert all(t > 0 for t in tokens[1:])
     js = [run.steps[s].get("actor/replay/term", 0.0) for s in range(2, 6)]

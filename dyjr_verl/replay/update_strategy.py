@@ -253,6 +253,7 @@ class ReplayTrainer(ReplayTrainerBase, UpdateReplayMethod):
         metrics.update(self.store_metrics())
         metrics.update({
             f"{p}replay/rows": float(len(drawn)),
+            f"{p}replay/distinct_rows": float(len({id(t) for t in drawn})),  # < rows: a method reused stored rows
             f"{p}replay/target_rows": float(update.placement.target_rows),
             f"{p}replay/tokens": float(sum(t.num_tokens for t in drawn)),
             f"{p}replay/mean_age": float(np.mean(ages)) if ages else 0.0,

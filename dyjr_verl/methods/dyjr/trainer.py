@@ -81,9 +81,11 @@ class DyJRTrainer(ReplayTrainer):
 
     def draw_rows(self, n: int) -> list[Trajectory]:
         rows = self.store.sample(n, self._replay_rng)
-        if self.store.frozen and 0 < len(rows) < n:
-            # a static fill smaller than one step's draw would replay less than DyJR for the whole run
-            # (or nothing, once rounded to the placement's multiple): reuse it, with replacement
+        if 0 < len(rows) < n:
+            # A store holding fewer rows than the placement (a multiple of dp x micro per mini-batch) would
+            # be rounded down to no replay at all -- with a sparse reward, for most of the run (SmolLM2: 1-5
+            # correct rollouts per step). The term is a mean over replayed tokens, so drawing the held rows
+            # with replacement keeps its weight and its expectation; replay/distinct_rows shows the reuse.
             rows += [rows[i] for i in self._replay_rng.integers(len(rows), size=n - len(rows)).tolist()]
         return rows
 

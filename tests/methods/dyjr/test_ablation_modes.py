@@ -305,14 +305,15 @@ def test_frozen_trainer_reads_nothing_after_the_fill():
         assert content_digest(t.store) == filled
 
 
-def test_a_small_frozen_fill_is_replayed_with_replacement_at_the_configured_share():
-    t = _trainer(buffer={"frozen": True}, replay={"size": 4})
+@pytest.mark.parametrize("buffer", [{"frozen": True}, {}], ids=["frozen", "fifo"])
+def test_a_store_smaller_than_the_draw_is_replayed_with_replacement_at_the_configured_share(buffer):
+    t = _trainer(buffer=buffer, replay={"size": 4})
+    assert t.draw_rows(4) == []  # empty: nothing to replay
     t.store.push(1, [traj(0, 1)])
+    t.store.push(1, [traj(1, 1)]) if not buffer else None
     drawn = t.draw_rows(4)
-    assert len(drawn) == 4 and {d.uid for d in drawn} == {"u1_0"}
-    moving = _trainer(replay={"size": 4})  # DyJR proper draws what its window holds
-    moving.store.push(1, [traj(0, 1)])
-    assert len(moving.draw_rows(4)) == 1
+    held = {"u1_0"} if buffer else {"u1_0", "u1_1"}
+    assert len(drawn) == 4 and {d.uid for d in drawn} == held  # every held row, then reused ones
 
 
 def test_trajectory_advantage_is_one_value_per_row():
