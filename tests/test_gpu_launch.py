@@ -9,7 +9,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -235,15 +234,14 @@ def test_main_ppo_refuses_with_one_line(case, fake_inputs):
     data = [] if extra is None else _recipe_overrides("dyjr_math", fake_inputs)
     cmd = [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", str(recipes_dir()),
            "--config-name", "dyjr_math", *data, *(extra or [])]
-    start = time.monotonic()
+    # timeout: a hang fails; "before Ray" (not a wall-clock bound, which a loaded machine breaks) is the
+    # assertion that the refusal costs no cluster start-up
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=fake_inputs["root"])
-    elapsed = time.monotonic() - start
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("dyjr-verl: error:")]
     assert out.returncode == 2, out.stderr[-2000:]
     assert len(errors) == (2 if case == "no_data_files" else 1), errors  # train_files and val_files
     assert message in errors[0], errors
     assert "Traceback" not in out.stderr and "ray init kwargs" not in out.stdout
-    assert elapsed < 20, f"{elapsed:.1f} s"
 
 
 def test_rlep_minibatches_share_rows_evenly_and_padding_is_dealt():

@@ -8,6 +8,8 @@ import sys
 import textwrap
 from importlib.metadata import entry_points
 
+import pytest
+
 
 def _py(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
@@ -74,17 +76,18 @@ def test_doctor_fails_when_a_component_is_missing():
     assert "error: trainer 'not_registered_anywhere' is not registered" in out.stderr
 
 
-def test_registration_survives_importing_our_trainer_modules_first():
+@pytest.mark.parametrize("first", ["dyjr_verl.replay.update_strategy", "dyjr_verl.methods.rlep.trainer",
+                                   "dyjr_verl.methods.exgrpo.trainer", "dyjr_verl.replay.group_strategy",
+                                   "dyjr_verl.diagnostics.trainer", "dyjr_verl.methods.dyjr.trainer"])
+def test_registration_survives_importing_our_trainer_modules_first(first):
     # Importing a trainer module before verl's v1 package used to run the registration hook while
     # replay_trainer was half initialised: rlep/exgrpo failed to register (a circular import).
-    for first in ("dyjr_verl.replay.update_strategy", "dyjr_verl.methods.rlep.trainer", "dyjr_verl.methods.exgrpo.trainer",
-                  "dyjr_verl.replay.group_strategy", "dyjr_verl.diagnostics.trainer", "dyjr_verl.methods.dyjr.trainer"):
-        out = _py(
-            f"""
-            import {first}
-            from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
-            import dyjr_verl.plugin as p
-            print("modes", sorted(m for m in ("dyjr", "rlep", "exgrpo") if m in TRAINER_REGISTRY), len(p.LOAD_ERRORS))
-            """
-        )
-        assert "modes ['dyjr', 'exgrpo', 'rlep'] 0" in out.stdout, (first, out.stdout, out.stderr[-2000:])
+    out = _py(
+        f"""
+        import {first}
+        from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
+        import dyjr_verl.plugin as p
+        print("modes", sorted(m for m in ("dyjr", "rlep", "exgrpo") if m in TRAINER_REGISTRY), len(p.LOAD_ERRORS))
+        """
+    )
+    assert "modes ['dyjr', 'exgrpo', 'rlep'] 0" in out.stdout, (first, out.stdout, out.stderr[-2000:])

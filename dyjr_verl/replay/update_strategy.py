@@ -168,6 +168,11 @@ def replay_at_update(
     drawn = method.draw_rows(placement.rows) if placement.rows else []
     if len(drawn) < placement.rows:  # the store holds fewer rows than planned (early steps)
         placement = place_replay_rows(placement.target_rows, shape, available=len(drawn))
+        if len(drawn) > placement.rows:  # drawn rows the layout's multiple cannot place: said, not dropped quietly
+            logger.warning("%s: the store gave %d of the %d planned replay rows; equal mini-batches of whole "
+                           "multiples (%d x %d rows) place %d of them this step (%s/rows < %s/target_rows)", prefix,
+                           len(drawn), placement.target_rows, placement.num_minibatches, placement.row_multiple,
+                           placement.rows, prefix, prefix)
         drawn = drawn[: placement.rows]
     order = update_order(len(batch), len(drawn), dp=shape.dp, num_minibatches=shape.num_minibatches)
 

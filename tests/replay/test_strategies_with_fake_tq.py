@@ -139,6 +139,27 @@ def test_no_stored_rows_keeps_the_batch_and_writes_the_loss_fields():
         assert tq.kv_batch_get(keys=batch.keys, partition_id=PID, select_fields=[REPLAY_MASK_KEY])[REPLAY_MASK_KEY].sum() == 0
 
 
+def test_drawn_rows_the_layout_cannot_place_are_reported_not_dropped_quietly(caplog):
+    tq = FakeTransferQueue()
+    batch = fresh_step(tq)
+    # 3 stored rows, 2 mini-batches x dp 2: one row per rank and mini-batch needs 4, so none is placed,
+    # and that is said in one warning line
+    method = ListStore([stored(i, 2) for i in range(3)], replay_rows=4)
+    with caplog.at_level("WARNING", logger="dyjr_verl.replay.update_strategy"):
+        with replay_at_update(tq, batch, method, UpdateShape(8, 4, 2, 1), shuffle=False) as update:
+            assert len(update.drawn) == 0 and update.placement.target_rows == 4
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "gave 3 of the 4 planned replay rows" in warned[0] and "(2 x 2 rows) place 0" in warned[0]
+    caplog.clear()
+    tq = FakeTransferQueue()
+    batch = fresh_step(tq)
+    with caplog.at_level("WARNING", logger="dyjr_verl.replay.update_strategy"):  # enough rows: nothing to say
+        with replay_at_update(tq, batch, ListStore([stored(i, 2) for i in range(4)], replay_rows=4),
+                              UpdateShape(8, 4, 2, 1), shuffle=False) as update:
+            assert len(update.drawn) == 4
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 def test_temporary_rows_are_cleared_when_the_block_fails():
     tq = FakeTransferQueue()
     td = TensorDict({"x": torch.arange(3)}, batch_size=[3])
