@@ -531,7 +531,8 @@ def estimate_text(cost: CostModel, steps: int, data: Path) -> str:
     main_exp = comparison(Path("runs"), list(MAIN_METHODS), list(DEFAULT_SEEDS), settings, data_dir=data)
     abl_exp = ablation(Path("ablation"), list(ABLATIONS), 0, settings, data_dir=data)
     lines = [f"rates: {cost.step_s:g} s/step, {cost.tokens_per_s:g} generated tokens/s, {cost.response_tokens:g} tokens "
-             f"per sample, start-up {cost.startup_s:g} s, checkpoint {cost.checkpoint_s:g} s",
+             f"per sample, start-up {cost.startup_s:g} s, checkpoint {cost.checkpoint_s:g} s, RLEP collection "
+             f"{cost.collect_tokens_per_s:g} tokens/s (top-p sampling)",
              f"settings: {steps} steps, checkpoint every {settings.save_freq}, held-out mean@{settings.val_k} on "
              f"{settings.val_questions} val questions every {settings.test_freq} steps ({cost.validations(settings)} "
              f"validations), test evaluation on {main_exp.eval_questions} questions x 65 samples", ""]

@@ -105,8 +105,10 @@ class CollapseExperiment:
     eval_split: str = "test"  # "val" for the ablation
     eval_questions: int = 24  # the first 24 questions of the split (``--limit``): what fits the 8-h budget
     collect: CollectSettings = field(default_factory=CollectSettings)
+    # collect_s: a hang bound over the collection's ~45 min (top-p sampling, CostModel.collect_tokens_per_s);
+    # a collection cut by it keeps its finished chunks and the next launch resumes them
     deadlines: Deadlines = field(default_factory=lambda: Deadlines(train_base_s=1200.0, train_per_step_s=240.0,
-                                                                   eval_s=2400.0, collect_s=2400.0))
+                                                                   eval_s=2400.0, collect_s=5400.0))
     data_dir: Path = DEFAULT_DATA_DIR
 
     @property
@@ -153,6 +155,9 @@ class CostModel:
     eval_fixed_s: float = 90.0  # FSDP shard merge + vLLM start-up of the eval CLI
     collect_questions: int = 448  # RLEP's pool: every training question ...
     collect_fixed_s: float = 40.0
+    # ... sampled at RLEP's top-p 0.95: vLLM-CPU sorts the 49k-token vocabulary for every sampled token,
+    # which dominates (py-spy); 256 questions x 8 samples took 24 min on 2 cores (rlep seed 0, 2026-12-02)
+    collect_tokens_per_s: float = 64.0
 
     def sampling_s(self, samples: float) -> float:
         return samples * self.response_tokens / self.tokens_per_s
@@ -171,7 +176,7 @@ class CostModel:
         return {**parts, "total": sum(parts.values())}
 
     def collect_s(self, c: CollectSettings) -> float:
-        return self.collect_fixed_s + self.sampling_s(self.collect_questions * c.n)
+        return self.collect_fixed_s + self.collect_questions * c.n * self.response_tokens / self.collect_tokens_per_s
 
     def experiment_s(self, exp: CollapseExperiment) -> dict:
         per_run = self.run_s(exp.settings, exp.eval_questions)
