@@ -250,7 +250,8 @@ class FakeVerl:
         if "dyjr_verl.methods.rlep.collect" in cmd:
             self.calls.append({"collect": True})
             Path(cmd[cmd.index("--out") + 1]).write_text("pool")
-            log_path.write_text('rlep_collect: {"pool_questions": 12}\n')
+            # a resumed collection: an earlier launch's finished chunks took 100 s
+            log_path.write_text('rlep_collect: {"pool_questions": 12, "resumed_questions": 3, "resumed_chunk_s": 100.0}\n')
             return ProcResult(0, 400.0, None, False)
         raise AssertionError(cmd)
 
@@ -350,7 +351,9 @@ def test_rlep_collects_once_per_seed_and_keeps_the_pool_until_the_run_is_finishe
     assert sum("collect" in c for c in fake_verl.calls) == 1
     record = json.loads((exp.runs[0].dir(exp.out) / "run.json").read_text())
     assert record["timing"]["total_wall_s"] == record["timing"]["collect_s"] + record["timing"]["train_wall_s"]
-    assert record["timing"]["collect_s"] == 400.0 and "start model" in record["rlep_pool"]
+    # this launch's 400 s + the 100 s of the chunks it resumed: what the whole pool cost
+    assert record["timing"]["collect_s"] == 500.0 and "start model" in record["rlep_pool"]
+    assert "collect_untimed_questions" not in record["timing"]
     assert not (exp.runs[0].dir(exp.out) / "rlep_pool.parquet").exists()
 
 

@@ -392,11 +392,14 @@ def finish(exp: CollapseExperiment, run: RunSpec, run_dir: Path, fingerprint: st
         "steady_step_s": measured_step_s(steps, segs),
         "startup_s": statistics.fmean(startups) if startups else None,
         "segments": len(segs),
-        "collect_s": collect.get("wall_s", 0.0),
+        # a resumed collection: this launch's wall + what its earlier launches' finished chunks took
+        "collect_s": round(collect.get("wall_s", 0.0) + (collect.get("resumed_chunk_s") or 0.0), 1),
         "train_wall_s": round(train_wall, 1),  # every launch: start-up, steps, validations, checkpoints
         "eval_wall_s": round(eval_wall_s, 1),
     }
     timing["total_wall_s"] = round(timing["collect_s"] + train_wall, 1)  # the method's cost; eval is measurement
+    if collect.get("resumed_questions") and collect.get("resumed_chunk_s") is None:
+        timing["collect_untimed_questions"] = collect["resumed_questions"]  # collect_s leaves them out
     last = segs[-1]["command"] if segs and segs[-1].get("command") else []
     record = {
         "label": run.label, "method": run.method, "seed": run.seed, "kind": exp.kind, "task": "smollm2_arith",

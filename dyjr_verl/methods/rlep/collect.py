@@ -45,7 +45,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 __all__ = ["main", "collect", "load_questions", "run_collection", "parts_dir", "load_reward_fn", "select_correct"]
 
@@ -157,7 +157,20 @@ def _open_parts(args: argparse.Namespace, questions: list[dict[str, Any]]) -> tu
     return d, saved
 
 
-def _write_part(path: Path, rows: list[dict[str, Any]]) -> None:
+#: parquet schema metadata of a part: the seconds its chunk took (sampling + scoring), so a resumed
+#: collection still reports what the whole pool cost
+CHUNK_SECONDS_KEY = b"dyjr_chunk_s"
+
+
+def chunk_seconds(path: Path) -> Optional[float]:
+    """The recorded seconds of a finished part (None: written without a record)."""
+    import pyarrow.parquet as pq
+
+    value = (pq.read_schema(path).metadata or {}).get(CHUNK_SECONDS_KEY)
+    return None if value is None else float(value)
+
+
+def _write_part(path: Path, rows: list[dict[str, Any]], seconds: Optional[float] = None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -166,6 +179,8 @@ def _write_part(path: Path, rows: list[dict[str, Any]]) -> None:
     table = pa.Table.from_pylist(
         [{**{k: r[k] for k in _PART_COLUMNS}, "data_source": None if r["data_source"] is None else str(r["data_source"]),
           "index": None if r["index"] is None else int(r["index"])} for r in rows], schema=schema)
+    if seconds is not None:
+        table = table.replace_schema_metadata({CHUNK_SECONDS_KEY: f"{seconds:.1f}"})
     tmp = path.with_suffix(".tmp")
     pq.write_table(table, tmp)
     tmp.replace(path)  # a killed run leaves no half-written part behind
@@ -202,6 +217,7 @@ def run_collection(
             if part[start].exists():
                 continue
             chunk = questions[start : start + args.batch_questions]
+            t0 = time.monotonic()
             rows = []
             for q, answers in zip(chunk, generate(chunk), strict=True):
                 futures = [
@@ -214,7 +230,7 @@ def run_collection(
                              "num_correct": sum(s > args.correct_threshold for s in scores),
                              "candidates": select_correct(answers, scores, threshold=args.correct_threshold,
                                                           dedup=args.dedup)})
-            _write_part(part[start], rows)
+            _write_part(part[start], rows, seconds=time.monotonic() - t0)
             bar.update(len(chunk))
 
     entries, rows = {}, []
@@ -229,8 +245,12 @@ def run_collection(
             "data": str(args.data), "questions_sampled": len(questions), "created": record["created"]}
     pool_obj = RLEPPool(entries, min_correct=args.min_correct, meta=meta)
     out = pool_obj.save(args.out, rows=[r for r in rows if r["question_key"] in entries])
+    resumed_s = [chunk_seconds(part[start]) for start in done]
     return {
         "out": str(out), "parts": str(d), "questions": len(questions), "resumed_questions": resumed,
+        # what the chunks of earlier launches took (None: one of them has no record): with this launch's
+        # wall time, the cost of the whole pool
+        "resumed_chunk_s": None if None in resumed_s else round(sum(resumed_s), 1),
         "pool_questions": len(pool_obj), "stored_answers": pool_obj.num_candidates, "samples": sampled,
         "sample_accuracy": correct_total / sampled if sampled else 0.0,
     }

@@ -274,7 +274,7 @@ def test_collection_samples_each_question_once():
 def test_killed_collection_resumes_and_gives_the_same_pool(tmp_path):
     import pyarrow.parquet as pq
 
-    from dyjr_verl.methods.rlep.collect import load_questions, load_reward_fn, parts_dir, run_collection
+    from dyjr_verl.methods.rlep.collect import chunk_seconds, load_questions, load_reward_fn, parts_dir, run_collection
 
     reward = load_reward_fn("pkg://dyjr_verl.rewards.math")
     questions, _ = load_questions(_collect_frame())
@@ -302,6 +302,14 @@ def test_killed_collection_resumes_and_gives_the_same_pool(tmp_path):
     again = run_collection(questions, _collect_args(tmp_path, resumed), _fake_generate(rest), reward)
     assert rest == [q["question_key"] for q in questions[3:]]  # only the unfinished chunks
     assert again["resumed_questions"] == 3 and again["samples"] == summary["samples"]
+    # each part records what its chunk took, so the resumed launch still reports the whole pool's cost
+    first_part = parts_dir(resumed) / "part-000000.parquet"
+    assert again["resumed_chunk_s"] == round(chunk_seconds(first_part), 1) >= 0.0
+    assert summary["resumed_chunk_s"] == 0.0
+    untimed = pq.read_table(first_part).replace_schema_metadata(None)  # a part from before the record
+    pq.write_table(untimed, first_part)
+    assert chunk_seconds(first_part) is None
+    assert run_collection(questions, _collect_args(tmp_path, resumed), _fake_generate([]), reward)["resumed_chunk_s"] is None
     a, b = RLEPPool.load(whole, min_correct=1), RLEPPool.load(resumed, min_correct=1)
     assert a.fingerprint() == b.fingerprint() and len(a) == summary["pool_questions"] > 0
     assert pq.read_table(whole).to_pylist() == pq.read_table(resumed).to_pylist()
