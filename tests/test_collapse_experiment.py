@@ -507,7 +507,6 @@ def test_report_without_runs_is_one_error_line(tmp_path, capsys):
 
 
 @pytest.mark.e2e
-@pytest.mark.xdist_group("e2e")
 @pytest.mark.smollm2
 def test_real_grpo_smollm2_run_killed_after_its_first_checkpoint_resumes_from_it(tmp_path):
     """3 steps of grpo_smollm2_cpu with a checkpoint every step; the trainer's process group is killed

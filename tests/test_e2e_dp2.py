@@ -41,7 +41,7 @@ from dyjr_verl.experiments.process import e2e_lock
 from dyjr_verl.seeded_rollout import write_agent_loop_config
 from e2e_utils import run_main_ppo
 
-pytestmark = [pytest.mark.e2e, pytest.mark.dp2, pytest.mark.xdist_group("e2e")]
+pytestmark = [pytest.mark.e2e, pytest.mark.dp2]
 
 LOCK = Path("/tmp/dyjr_e2e.lock")
 LOCK_WAIT_S = 3 * 3600  # other sessions' trainer runs hold the lock meanwhile

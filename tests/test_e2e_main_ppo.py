@@ -18,7 +18,7 @@ from dyjr_verl.analysis.steps import parse_log
 from dyjr_verl.methods.dyjr.buffer import buffer_digest
 from e2e_utils import RECIPES, run_main_ppo
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]  # xdist: one worker runs them in order
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="session")

@@ -137,7 +137,6 @@ def test_bad_engine_flags_are_one_line(tmp_path, capsys, flags, message):
 
 
 @pytest.mark.e2e
-@pytest.mark.xdist_group("e2e")
 def test_eval_tiny_model_with_vllm_cpu(tmp_path, tiny_assets):
     root = tiny_assets
     out = tmp_path / "eval"

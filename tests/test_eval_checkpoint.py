@@ -99,7 +99,6 @@ def test_missing_model_dir_is_one_line(data, tmp_path, capsys):
 
 
 @pytest.mark.e2e
-@pytest.mark.xdist_group("e2e")
 def test_eval_merges_a_verl_fsdp_checkpoint_of_a_tiny_run(tiny_assets, tmp_path):
     # one GRPO step, saved with verl's default save_contents (FSDP shards + extra, no hf_model)
     run = run_main_ppo("grpo_tiny_cpu", tiny_assets, tmp_path / "train", "trainer.total_training_steps=1",
