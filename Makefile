@@ -43,12 +43,13 @@ demo: install assets doctor
 
 # Opt-in: the SmolLM2 end-to-end check (~11 min, needs `make smollm2`): make test-smollm2;
 # dp = 2 against dp = 1 through verl's trainer (~15 min): make test-dp2.
-# Two pytest-xdist workers: one runs the end-to-end trainer runs in order (one xdist group, first:
-# tests/conftest.py), the other the unit tests meanwhile, whose time is mostly one Python start-up per
-# subprocess. pytest exits non-zero when no test ran.
+# Unit tests run on 2 pytest-xdist workers: most of their time is one Python start-up per subprocess
+# (importing verl), which two cores halve. The end-to-end runs stay serial: each holds the e2e lock and
+# a whole Ray cluster. Each pytest exits non-zero when no test ran.
 XDIST ?= 2
 test: install
-	$(PY) -m pytest -q -n $(XDIST) --dist loadgroup --durations=15 tests -m "not smollm2 and not dp2"
+	$(PY) -m pytest -q -n $(XDIST) tests -m "not e2e and not smollm2 and not dp2"
+	$(PY) -m pytest -q tests -m "e2e and not smollm2 and not dp2"
 
 test-unit: install
 	$(PY) -m pytest -q -n $(XDIST) tests -m "not e2e"

@@ -53,14 +53,3 @@ def one_intra_op_thread():
         yield
     finally:
         torch.set_num_threads(saved)
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """The end-to-end runs first, as one pytest-xdist group (``make test``: ``-n 2 --dist loadgroup``):
-    one worker runs them in order, each holding the e2e lock and a whole Ray cluster, while the other
-    worker takes the unit tests; the longest chain starts at once. Without xdist only the order changes."""
-    e2e = [item for item in items if item.get_closest_marker("e2e")]
-    for item in e2e:
-        item.add_marker(pytest.mark.xdist_group("e2e"))
-    items[:] = e2e + [item for item in items if not item.get_closest_marker("e2e")]
