@@ -48,8 +48,8 @@ demo: install assets doctor
 # a whole Ray cluster. Each pytest exits non-zero when no test ran.
 XDIST ?= 2
 test: install
-	$(PY) -m pytest -q -n $(XDIST) tests -m "not e2e and not smollm2 and not dp2"
-	$(PY) -m pytest -q tests -m "e2e and not smollm2 and not dp2"
+	$(PY) -m pytest -q -n $(XDIST) --durations=10 tests -m "not e2e and not smollm2 and not dp2"
+	$(PY) -m pytest -q --durations=10 tests -m "e2e and not smollm2 and not dp2"
 
 test-unit: install
 	$(PY) -m pytest -q -n $(XDIST) tests -m "not e2e"
