@@ -159,8 +159,8 @@ class CostModel:
     # which dominates (py-spy); 256 questions x 8 samples took 24 min on 2 cores (rlep seed 0, 2026-12-02)
     collect_tokens_per_s: float = 64.0
 
-    def sampling_s(self, samples: float) -> float:
-        return samples * self.response_tokens / self.tokens_per_s
+    def sampling_s(self, samples: float, tokens_per_s: float | None = None) -> float:
+        return samples * self.response_tokens / (tokens_per_s or self.tokens_per_s)
 
     def validations(self, s: CollapseSettings) -> int:
         return 1 + s.steps // s.test_freq + (s.steps % s.test_freq != 0)  # step 0, every test_freq, the last
@@ -176,7 +176,7 @@ class CostModel:
         return {**parts, "total": sum(parts.values())}
 
     def collect_s(self, c: CollectSettings) -> float:
-        return self.collect_fixed_s + self.collect_questions * c.n * self.response_tokens / self.collect_tokens_per_s
+        return self.collect_fixed_s + self.sampling_s(self.collect_questions * c.n, self.collect_tokens_per_s)
 
     def experiment_s(self, exp: CollapseExperiment) -> dict:
         per_run = self.run_s(exp.settings, exp.eval_questions)
