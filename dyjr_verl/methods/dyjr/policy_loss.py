@@ -8,16 +8,20 @@ verl's policy-loss registry::
     algorithm.rollout_correction.bypass_mode=true      # old_log_prob := the rollout log-probs
     actor_rollout_ref.rollout.calculate_log_probs=true
     +ray_kwargs.ray_init.runtime_env.env_vars.DYJR_JS_COEF='0.1'   # lambda (default 0.1)
+    +ray_kwargs.ray_init.runtime_env.env_vars.DYJR_JS_MAX_WEIGHT='4'   # weight cap (default 4; 'none': off)
 
 The loss is verl's vanilla clipped PG plus ``lambda * f_JS(exp(log_prob - old_log_prob))`` on
-*all* response tokens, aggregated like every verl loss (``global_batch_info``). It needs the
+*all* response tokens, aggregated like every verl loss (``global_batch_info``). f_JS has the same
+bounded gradient weight as DyJR's replay term (``dyjr.js.max_weight``, default 4: above the knee the
+term continues linearly, :func:`~dyjr_verl.methods.dyjr.divergence.capped_term`), so one token whose
+probability rose far above the sampler's cannot outweigh the batch's policy gradient. It needs the
 ``dyjr_verl`` plugin installed (``import verl`` registers it in every process) and old log-probs
 that are *not* the current policy's: bypass mode (above) anchors the update to the sampling
 policy, and with ``ppo_epochs > 1`` or several mini-batches the later ones are anchored to the
 step's start; with freshly recomputed old log-probs the term is zero on the first mini-batch.
-lambda comes from the environment variable ``DYJR_JS_COEF``: registry losses receive only verl's
-``ActorConfig``, which rejects extra keys, so an env var is the only channel that needs no verl
-change. Per-row replay masks and stored log-probs (DyJR proper) need the replay-aware engine loss
+lambda and the cap come from the environment variables ``DYJR_JS_COEF`` and ``DYJR_JS_MAX_WEIGHT``:
+registry losses receive only verl's ``ActorConfig``, which rejects extra keys, so an env var is the
+only channel that needs no verl change. Per-row replay masks and stored log-probs (DyJR proper) need the replay-aware engine loss
 (:mod:`dyjr_verl.replay.loss`) instead.
 """
 
@@ -29,12 +33,14 @@ from typing import Any, Optional
 
 import torch
 
-from dyjr_verl.methods.dyjr.divergence import js_term
+from dyjr_verl.methods.dyjr.config import DEFAULT_MAX_WEIGHT
+from dyjr_verl.methods.dyjr.divergence import capped_term, js_term, weight_knee
 
-__all__ = ["JS_COEF_ENV", "DEFAULT_JS_COEF", "DYJR_JS_LOSS_NAME", "js_coef_from_env", "compute_policy_loss_dyjr_js",
-           "register_policy_losses"]
+__all__ = ["JS_COEF_ENV", "JS_MAX_WEIGHT_ENV", "DEFAULT_JS_COEF", "DYJR_JS_LOSS_NAME", "js_coef_from_env",
+           "js_max_weight_from_env", "compute_policy_loss_dyjr_js", "register_policy_losses"]
 
 JS_COEF_ENV = "DYJR_JS_COEF"
+JS_MAX_WEIGHT_ENV = "DYJR_JS_MAX_WEIGHT"
 DEFAULT_JS_COEF = 0.1
 DYJR_JS_LOSS_NAME = "dyjr_js"
 
@@ -53,6 +59,23 @@ def js_coef_from_env() -> float:
     return coef
 
 
+def js_max_weight_from_env() -> Optional[float]:
+    """The cap on one token's gradient weight, from ``$DYJR_JS_MAX_WEIGHT``: default
+    :data:`~dyjr_verl.methods.dyjr.config.DEFAULT_MAX_WEIGHT`, ``none`` for no cap, else finite > 0."""
+    raw = (os.environ.get(JS_MAX_WEIGHT_ENV) or "").strip()
+    if raw == "":
+        return DEFAULT_MAX_WEIGHT
+    if raw.lower() == "none":
+        return None
+    try:
+        cap = float(raw)
+    except ValueError:
+        cap = math.nan
+    if not (math.isfinite(cap) and cap > 0.0):
+        raise ValueError(f"{JS_MAX_WEIGHT_ENV} must be a finite number > 0 or 'none', got {raw!r}")
+    return cap
+
+
 def compute_policy_loss_dyjr_js(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -63,7 +86,8 @@ def compute_policy_loss_dyjr_js(
     rollout_is_weights: Optional[torch.Tensor] = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """verl vanilla clipped PG + lambda * agg(f_JS(exp(log_prob - old_log_prob))) on all tokens.
+    """verl vanilla clipped PG + lambda * agg(f_JS(exp(log_prob - old_log_prob))) on all tokens,
+    f_JS with its gradient weight capped at ``$DYJR_JS_MAX_WEIGHT`` (default 4).
 
     Aggregated with ``agg_loss(..., **config.global_batch_info)`` like every verl loss, so the
     accumulated gradient does not depend on the micro-batch split or the dp size. Rollout IS
@@ -81,9 +105,10 @@ def compute_policy_loss_dyjr_js(
         config=config,
         rollout_is_weights=rollout_is_weights,
     )
-    coef = js_coef_from_env()
+    coef, max_weight = js_coef_from_env(), js_max_weight_from_env()
     mask = response_mask.bool()
-    term, log_u = js_term(log_prob, old_log_prob, mask)
+    _, log_u = js_term(log_prob, old_log_prob, mask)  # the clamped, masked log u
+    term, _ = capped_term("js", log_u, max_weight)
     batch_info = dict(getattr(config, "global_batch_info", None) or {})
     js_loss = agg_loss(loss_mat=term, loss_mask=mask, loss_agg_mode=loss_agg_mode, **batch_info)
     with torch.no_grad():
@@ -92,6 +117,9 @@ def compute_policy_loss_dyjr_js(
         metrics["actor/js_term"] = (term * mask).sum().div(n).item()  # local token mean of f_JS
         metrics["actor/js_u_mean"] = (torch.exp(log_u) * mask).sum().div(n).item()
         metrics["actor/js_coef"] = coef
+        metrics["actor/js_u_max"] = float(torch.exp(log_u.masked_fill(~mask, -math.inf).max())) if mask.any() else 0.0
+        if max_weight is not None:  # tokens beyond the knee: their weight is the cap, not f_JS's
+            metrics["actor/js_capped_frac"] = ((log_u > weight_knee("js", max_weight)) & mask).sum().div(n).item()
     return pg_loss + coef * js_loss.to(pg_loss.dtype), metrics
 
 

@@ -117,3 +117,38 @@ def test_registry_loss_looked_up_by_name_gives_the_documented_value(monkeypatch)
     loss.backward()
     assert lp.grad[0, 1] > 0 and lp.grad[0, 0] == 0  # only the moved token is pulled back
     assert metrics["actor/js_coef"] == 0.3
+
+
+def test_registry_loss_caps_one_tokens_weight_like_the_replay_term(monkeypatch):
+    """A token whose probability rose far above the sampler's (log u = 8) pulls with the capped weight
+    (DYJR_JS_MAX_WEIGHT, default 4 = dyjr.js.max_weight), not f_JS's ~2e3; 'none' removes the cap."""
+    from dyjr_verl.methods.dyjr.config import DEFAULT_MAX_WEIGHT
+    from dyjr_verl.methods.dyjr.divergence import js_grad_weight_from_log
+    from dyjr_verl.methods.dyjr.policy_loss import JS_MAX_WEIGHT_ENV
+
+    monkeypatch.setenv(JS_COEF_ENV, "1")
+    cfg = _actor_config(DYJR_JS_LOSS_NAME)
+    cfg.global_batch_info.update(dp_size=1, batch_num_tokens=2, global_batch_size=1, loss_scale_factor=None)
+    old = torch.tensor([[-10.0, -1.0]])
+    adv = torch.zeros(1, 2)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+
+    def grad_and_metrics():
+        lp = torch.tensor([[-2.0, -1.0]], requires_grad=True)  # token 0: log u = 8
+        loss, metrics = compute_policy_loss_dyjr_js(old, lp, adv, mask, "token-mean", cfg)
+        loss.backward()
+        return lp.grad[0, 0].item(), metrics
+
+    g, m = grad_and_metrics()  # default cap
+    assert math.isclose(g, DEFAULT_MAX_WEIGHT / 2, rel_tol=1e-4)  # weight 4, token mean over 2 tokens
+    assert m["actor/js_capped_frac"] == 0.5 and math.isclose(m["actor/js_u_max"], math.exp(8), rel_tol=1e-4)
+    monkeypatch.setenv(JS_MAX_WEIGHT_ENV, "none")
+    g, m = grad_and_metrics()
+    assert math.isclose(g, float(js_grad_weight_from_log(torch.tensor(8.0))) / 2, rel_tol=1e-4) and g > 500
+    assert "actor/js_capped_frac" not in m
+    monkeypatch.setenv(JS_MAX_WEIGHT_ENV, "10")
+    assert math.isclose(grad_and_metrics()[0], 5.0, rel_tol=1e-4)
+    for bad in ("0", "-2", "inf", "x"):
+        monkeypatch.setenv(JS_MAX_WEIGHT_ENV, bad)
+        with pytest.raises(ValueError, match=JS_MAX_WEIGHT_ENV):
+            compute_policy_loss_dyjr_js(old, old.clone(), adv, mask, "token-mean", cfg)
