@@ -463,7 +463,7 @@ def _records(root: Path, labels, seeds, kind="comparison"):
             bump = 0.05 if label.startswith("dyjr") else 0.0
             steps = {str(s): {"actor/entropy": 1.0 / (1 + s) + bump, "critic/score/mean": 0.02 * s,
                               "rank_k/p1": 0.6 + 0.01 * s - bump, "rank_k/p2": 0.1 + bump, "rank_k/p3": 0.05,
-                              "timing_s/step": 60.0} for s in range(1, 11)}
+                              "response_length/mean": 40.0 - 3 * s, "timing_s/step": 60.0} for s in range(1, 11)}
             for s in (0, 5, 10):
                 steps.setdefault(str(s), {})["val-core/dyjr/arithmetic/acc/mean@64"] = 0.2 + 0.01 * s + seed * 0.01
             ev = {"greedy": 0.5, "avg@64": 0.3 + bump, "distinct_correct": 1.5,
@@ -477,7 +477,7 @@ def _records(root: Path, labels, seeds, kind="comparison"):
                 "timing": {"steady_step_s": 60.0, "segments": 1, "collect_s": 0.0, "total_wall_s": 900.0}}))
 
 
-def test_report_writes_the_six_panels_pass_at_k_tables_and_keeps_the_reading(tmp_path):
+def test_report_writes_the_six_panels_response_length_pass_at_k_tables_and_keeps_the_reading(tmp_path):
     from dyjr_verl.analysis.collapse_report import write_collapse_report
 
     runs, abl, out = tmp_path / "runs", tmp_path / "abl", tmp_path / "out"
@@ -485,13 +485,14 @@ def test_report_writes_the_six_panels_pass_at_k_tables_and_keeps_the_reading(tmp
     _records(abl, ["klcov", "dyjr_coef0"], [0], kind="ablation")
     readme = write_collapse_report(runs, out, abl)
     for png in ("entropy.png", "reward.png", "heldout_mean_at_k.png", "rank1.png", "rank2.png", "rank3.png",
-                "pass_at_k.png"):
+                "response_length.png", "pass_at_k.png"):
         assert (out / png).stat().st_size > 1000, png
     md = readme.read_text()
     assert "| DyJR (forward KL) | 3 |" in md and "held-out mean@64 at the end %" in md
     assert "## Cost per method" in md and "## Ablations (validation split)" in md and "| klcov | 1 |" in md
     assert "grpo (main, seed 0)" in md and "test pass@64" not in md.split("## Ablations")[1].split("## Reading")[0]
     assert "30.0 ± 0.0" in md or "30.0" in md  # the held-out column at the last step, as a percentage
+    assert "response tokens, last 5 steps" in md and "| 16.0 ± 0.0 |" in md  # mean of 40 - 3s over steps 6..10
     readme.write_text(md.replace(md.split("## Reading\n")[1], "\nDyJR re-inflates entropy.\n"))
     assert "DyJR re-inflates entropy." in write_collapse_report(runs, out, abl).read_text()
 

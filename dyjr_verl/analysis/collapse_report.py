@@ -9,7 +9,9 @@ From the run records of ``python -m dyjr_verl.experiments.collapse`` (``<label>/
   band (analysis.report's :func:`plot_over_steps`): ``entropy.png`` (``actor/entropy``),
   ``reward.png`` (``critic/score/mean``), ``heldout_mean_at_k.png`` (verl's
   ``val-core/<source>/acc/mean@K`` on the validation slice), ``rank1.png`` .. ``rank3.png``
-  (``rank_k/p1..p3``, the trainer's probe);
+  (``rank_k/p1..p3``, the trainer's probe); and ``response_length.png`` (``response_length/mean``): a
+  length penalty can collapse answers to a bare number, which the per-token panels alone would read
+  as sharper token choices;
 * ``pass_at_k.png``: the final evaluation's unbiased pass@k against k = 1..64 (mean over seeds, band);
 * the table, mean ± std over seeds, and the cost per method (steady step, total wall);
 * the ablations (validation slice, one seed) next to the main comparison's seed-0 GRPO and DyJR;
@@ -78,6 +80,7 @@ def columns(heldout: str | None, k: int) -> list[Column]:
         Column("Rank-1, last 5 steps", _last("rank_k/p1", 5), _num(3)),
         Column("Rank-2, last 5 steps", _last("rank_k/p2", 5), _num(3)),
         Column("Rank-3, last 5 steps", _last("rank_k/p3", 5), _num(3)),
+        Column("response tokens, last 5 steps", _last("response_length/mean", 5), _num(1)),
     ]
 
 
@@ -126,7 +129,7 @@ def plot_pass_at_k(groups: dict[str, list[dict[str, Any]]], out: Path) -> bool:
 
 
 def panels(heldout: str | None, k: int) -> list[tuple[str, str, str, int]]:
-    """(png name, metric key, title, smoothing) of the paper's six panels."""
+    """(png name, metric key, title, smoothing) of the paper's six panels, and response length."""
     return [
         ("entropy.png", "actor/entropy", "token entropy (nats, rollouts)", SMOOTH),
         ("reward.png", "critic/score/mean", "training reward (mean score of the step's rollouts)", SMOOTH),
@@ -134,6 +137,9 @@ def panels(heldout: str | None, k: int) -> list[tuple[str, str, str, int]]:
         ("rank1.png", "rank_k/p1", "Rank-1 probability (rollouts)", SMOOTH),
         ("rank2.png", "rank_k/p2", "Rank-2 probability (rollouts)", SMOOTH),
         ("rank3.png", "rank_k/p3", "Rank-3 probability (rollouts)", SMOOTH),
+        # not one of the paper's panels: with a length penalty a policy can collapse onto bare-number answers,
+        # which lowers per-token entropy for another reason than sharper token choices
+        ("response_length.png", "response_length/mean", "response length (tokens, rollouts)", SMOOTH),
     ]
 
 
