@@ -493,8 +493,27 @@ def test_report_writes_the_six_panels_response_length_pass_at_k_tables_and_keeps
     assert "grpo (main, seed 0)" in md and "test pass@64" not in md.split("## Ablations")[1].split("## Reading")[0]
     assert "30.0 ± 0.0" in md or "30.0" in md  # the held-out column at the last step, as a percentage
     assert "response tokens, last 5 steps" in md and "| 16.0 ± 0.0 |" in md  # mean of 40 - 3s over steps 6..10
+    assert "most common answer, share of samples %" in md
     readme.write_text(md.replace(md.split("## Reading\n")[1], "\nDyJR re-inflates entropy.\n"))
     assert "DyJR re-inflates entropy." in write_collapse_report(runs, out, abl).read_text()
+
+
+def test_answer_spread_finds_a_collapse_onto_one_answer_and_old_records_get_it_from_their_scores(tmp_path):
+    from dyjr_verl.experiments.records import answer_spread, eval_summary, load_runs
+
+    rows = [{"benchmark": "b", "index": i, "greedy": True, "samples": [1, 0, 0, 0], "distinct_correct": 1,
+             "answers": ["1", "1", "1", str(i + 2)]} for i in range(3)]
+    spread = answer_spread(rows)
+    assert spread == {"distinct_answers": 2.0, "top_answer_share": pytest.approx(9 / 12)}
+    assert answer_spread([{**r, "answers": None} for r in rows]) == {}  # scores written without answers
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "scores.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert eval_summary(tmp_path / "eval", [1])["top_answer_share"] == pytest.approx(0.75)
+    run_dir = tmp_path / "runs" / "grpo" / "seed0"
+    (run_dir / "eval").mkdir(parents=True)
+    (run_dir / "eval" / "scores.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (run_dir / "run.json").write_text(json.dumps({"label": "grpo", "eval": {"greedy": 1.0}}))
+    assert load_runs(tmp_path / "runs")[0]["eval"] == {"greedy": 1.0, **spread}
 
 
 def test_report_without_runs_is_one_error_line(tmp_path, capsys):

@@ -76,6 +76,8 @@ def columns(heldout: str | None, k: int) -> list[Column]:
         Column("test pass@8 %", _eval("pass@8"), _pct, True),
         Column("test pass@64 %", _eval("pass@64"), _pct, True),
         Column("distinct correct / question", _eval("distinct_correct"), _num(2)),
+        Column("distinct answers / question", _eval("distinct_answers"), _num(1)),
+        Column("most common answer, share of samples %", _eval("top_answer_share"), _pct, True),
         Column("entropy, last 5 steps", _last("actor/entropy", 5), _num(3)),
         Column("Rank-1, last 5 steps", _last("rank_k/p1", 5), _num(3)),
         Column("Rank-2, last 5 steps", _last("rank_k/p2", 5), _num(3)),

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -133,6 +134,7 @@ def eval_summary(eval_dir: Path, ks: Iterable[int], avg_ks: Iterable[int] = (8,)
             if k <= n:
                 out[f"pass@{k}"] = sum(pass_at_k(n, sum(r["samples"][:n]), k) for r in rows) / len(rows)
         out["distinct_correct"] = sum(r["distinct_correct"] for r in rows) / len(rows)
+    out.update(answer_spread(rows))
     rank_k = eval_dir / "rank_k.json"
     if rank_k.is_file():
         for key, value in json.loads(rank_k.read_text()).items():
@@ -140,9 +142,31 @@ def eval_summary(eval_dir: Path, ks: Iterable[int], avg_ks: Iterable[int] = (8,)
     return out
 
 
+def answer_spread(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """How spread the sampled final answers are (rows of ``scores.jsonl`` with ``answers``; {} without):
+    ``distinct_answers``, per question, and ``top_answer_share``, the share of all samples whose answer
+    is the set's single most common one. A policy collapsed onto a near-constant answer has a share near
+    1 while its per-token entropy can stay high, so pass@k and the per-token panels alone can miss it."""
+    answered = [r["answers"] for r in rows if r.get("answers")]
+    if not answered:
+        return {}
+    counts = Counter(a for answers in answered for a in answers)
+    return {"distinct_answers": sum(len(set(a)) for a in answered) / len(answered),
+            "top_answer_share": counts.most_common(1)[0][1] / sum(counts.values())}
+
+
 def load_runs(root: Path) -> list[dict[str, Any]]:
-    """Every finished run record under ``root`` (``<label>/seed<s>/run.json``)."""
-    return [json.loads(p.read_text()) for p in sorted(root.glob(f"*/seed*/{RUN_FILE}"))]
+    """Every finished run record under ``root`` (``<label>/seed<s>/run.json``). Records written before
+    :func:`answer_spread` existed get it from the ``eval/scores.jsonl`` beside them."""
+    runs = []
+    for path in sorted(root.glob(f"*/seed*/{RUN_FILE}")):
+        run = json.loads(path.read_text())
+        scores = path.parent / "eval" / "scores.jsonl"
+        if isinstance(run.get("eval"), dict) and "top_answer_share" not in run["eval"] and scores.is_file():
+            rows = [json.loads(line) for line in scores.read_text().splitlines() if line.strip()]
+            run["eval"].update(answer_spread(rows))
+        runs.append(run)
+    return runs
 
 
 @dataclass
