@@ -93,6 +93,25 @@ def check(config: DictConfig, context: tuple[int | None, str] | None = None) -> 
     problems.extend(_check_resume(config))
     probe_reported = any("old-log-prob forward" in line for line in method_problems)
     problems.extend(_check_diagnostics(config, probe_reported=probe_reported))
+    problems.extend(_check_registry_loss(config))
+    return problems
+
+
+def _check_registry_loss(config: DictConfig) -> list[str]:
+    """The ``dyjr_js`` loss reads lambda and its cap from the workers' environment on its first update;
+    a bad value is refused here, before any rollout, instead of as a traceback from a Ray actor."""
+    if OmegaConf.select(config, "actor_rollout_ref.actor.policy_loss.loss_mode") != "dyjr_js":
+        return []
+    from dyjr_verl.methods.dyjr.policy_loss import js_coef_from_env, js_max_weight_from_env
+
+    env_vars = OmegaConf.select(config, "ray_kwargs.ray_init.runtime_env.env_vars")
+    env = {**os.environ, **({str(k): str(v) for k, v in env_vars.items()} if env_vars else {})}
+    problems = []
+    for read in (js_coef_from_env, js_max_weight_from_env):
+        try:
+            read(env)
+        except ValueError as exc:
+            problems.append(f"the dyjr_js policy loss: {exc}")
     return problems
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
@@ -45,10 +46,11 @@ DEFAULT_JS_COEF = 0.1
 DYJR_JS_LOSS_NAME = "dyjr_js"
 
 
-def js_coef_from_env() -> float:
-    """lambda for the registry loss, from ``$DYJR_JS_COEF`` (default 0.1); must be finite >= 0."""
-    raw = os.environ.get(JS_COEF_ENV)
-    if raw is None or raw.strip() == "":
+def js_coef_from_env(env: Optional[Mapping[str, str]] = None) -> float:
+    """lambda for the registry loss, from ``$DYJR_JS_COEF`` (default 0.1); must be finite >= 0.
+    ``env``: where to read it (default ``os.environ``; start-up checks pass Ray's runtime env)."""
+    raw = (os.environ if env is None else env).get(JS_COEF_ENV)
+    if raw is None or str(raw).strip() == "":
         return DEFAULT_JS_COEF
     try:
         coef = float(raw)
@@ -59,10 +61,10 @@ def js_coef_from_env() -> float:
     return coef
 
 
-def js_max_weight_from_env() -> Optional[float]:
+def js_max_weight_from_env(env: Optional[Mapping[str, str]] = None) -> Optional[float]:
     """The cap on one token's gradient weight, from ``$DYJR_JS_MAX_WEIGHT``: default
     :data:`~dyjr_verl.methods.dyjr.config.DEFAULT_MAX_WEIGHT`, ``none`` for no cap, else finite > 0."""
-    raw = (os.environ.get(JS_MAX_WEIGHT_ENV) or "").strip()
+    raw = str((os.environ if env is None else env).get(JS_MAX_WEIGHT_ENV) or "").strip()
     if raw == "":
         return DEFAULT_MAX_WEIGHT
     if raw.lower() == "none":

@@ -152,3 +152,28 @@ def test_registry_loss_caps_one_tokens_weight_like_the_replay_term(monkeypatch):
         monkeypatch.setenv(JS_MAX_WEIGHT_ENV, bad)
         with pytest.raises(ValueError, match=JS_MAX_WEIGHT_ENV):
             compute_policy_loss_dyjr_js(old, old.clone(), adv, mask, "token-mean", cfg)
+
+
+def test_a_bad_lambda_or_cap_for_the_registry_loss_is_refused_at_start_up_in_one_line(tmp_path, monkeypatch):
+    """The loss reads its env vars on the first update inside a Ray actor; `plan` and main_ppo's
+    start-up check read the same values (Ray's runtime env over the driver's) before any rollout."""
+    from dyjr_verl.methods.dyjr.policy_loss import JS_MAX_WEIGHT_ENV
+    from dyjr_verl.plan import build_plan, compose
+
+    monkeypatch.delenv(JS_COEF_ENV, raising=False)
+    monkeypatch.delenv(JS_MAX_WEIGHT_ENV, raising=False)
+    for name in ("train.parquet", "test.parquet"):
+        (tmp_path / name).write_bytes(b"")
+    base = [f"data.train_files={tmp_path / 'train.parquet'}", f"data.val_files={tmp_path / 'test.parquet'}",
+            "actor_rollout_ref.actor.policy_loss.loss_mode=dyjr_js"]
+    env = "+ray_kwargs.ray_init.runtime_env.env_vars."
+
+    def ours(*overrides):
+        return [e for e in build_plan(compose("grpo_math", [*base, *overrides])).errors if "dyjr_js" in e]
+
+    assert ours() == [] and ours(f"{env}{JS_COEF_ENV}='0.2'", f"{env}{JS_MAX_WEIGHT_ENV}=none") == []
+    assert ours(f"{env}{JS_COEF_ENV}='-1'") == [
+        f"the dyjr_js policy loss: {JS_COEF_ENV} must be a finite number >= 0, got '-1'"]
+    monkeypatch.setenv(JS_MAX_WEIGHT_ENV, "0")  # the driver's environment counts where Ray's does not say
+    assert len(ours()) == 1 and JS_MAX_WEIGHT_ENV in ours()[0]
+    assert ours(f"{env}{JS_MAX_WEIGHT_ENV}=8") == []  # Ray's runtime env wins over the driver's
