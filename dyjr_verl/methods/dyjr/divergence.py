@@ -94,6 +94,7 @@ __all__ = [
     "forward_kl_grad_weight_from_log",
     "DEFAULT_MAX_WEIGHT",
     "DivergenceSpec",
+    "masked_log_u",
     "weight_knee",
     "capped_term",
     "CLIPPED_PG_TERM",
@@ -155,6 +156,24 @@ def forward_kl_grad_weight_from_log(log_u: torch.Tensor, clamp: Optional[float] 
     return torch.expm1(_clamped_log_u(log_u, clamp))
 
 
+def masked_log_u(
+    log_prob: torch.Tensor,
+    stored_log_prob: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    log_u_clamp: float = DEFAULT_LOG_U_CLAMP,
+) -> torch.Tensor:
+    """log u = log_prob - stored_log_prob, clamped, and 0 where masked (set *before* any exp, which
+    keeps padding garbage, inf/NaN, out of values and gradients); fp32 for half-precision inputs."""
+    lp = _as_compute_dtype(log_prob)
+    st = _as_compute_dtype(stored_log_prob.detach()).to(lp.dtype)
+    log_u = lp - st
+    if mask is not None:
+        keep = mask.bool()
+        log_u = torch.where(keep, log_u, torch.zeros_like(log_u))
+    return log_u.clamp(-log_u_clamp, log_u_clamp)
+
+
 def js_term(
     log_prob: torch.Tensor,
     stored_log_prob: torch.Tensor,
@@ -167,21 +186,14 @@ def js_term(
     Args:
         log_prob: current log pi_theta of the sampled tokens, (bsz, T); carries the gradient.
         stored_log_prob: log-probs recorded when the tokens were sampled, (bsz, T); detached.
-        mask: tokens to keep, (bsz, T), bool or 0/1. Masked positions are set to log u = 0 (so
-            f = 0) *before* the exp, which keeps padding garbage (inf/NaN) out of values and
-            gradients.
+        mask: tokens to keep, (bsz, T), bool or 0/1; masked positions get log u = 0, so f = 0
+            (:func:`masked_log_u`).
         log_u_clamp: symmetric clamp of log u (see :data:`DEFAULT_LOG_U_CLAMP`).
 
     Returns:
         (term, log_u), both fp32 (or fp64 for fp64 inputs), shape (bsz, T), zero where masked.
     """
-    lp = _as_compute_dtype(log_prob)
-    st = _as_compute_dtype(stored_log_prob.detach()).to(lp.dtype)
-    log_u = lp - st
-    if mask is not None:
-        keep = mask.bool()
-        log_u = torch.where(keep, log_u, torch.zeros_like(log_u))
-    log_u = log_u.clamp(-log_u_clamp, log_u_clamp)
+    log_u = masked_log_u(log_prob, stored_log_prob, mask, log_u_clamp=log_u_clamp)
     return f_js_from_log(log_u), log_u
 
 

@@ -35,7 +35,7 @@ from typing import Any, Optional
 import torch
 
 from dyjr_verl.methods.dyjr.config import DEFAULT_MAX_WEIGHT
-from dyjr_verl.methods.dyjr.divergence import capped_term, js_term, weight_knee
+from dyjr_verl.methods.dyjr.divergence import capped_term, masked_log_u, weight_knee
 
 __all__ = ["JS_COEF_ENV", "JS_MAX_WEIGHT_ENV", "DEFAULT_JS_COEF", "DYJR_JS_LOSS_NAME", "js_coef_from_env",
            "js_max_weight_from_env", "compute_policy_loss_dyjr_js", "register_policy_losses"]
@@ -109,7 +109,7 @@ def compute_policy_loss_dyjr_js(
     )
     coef, max_weight = js_coef_from_env(), js_max_weight_from_env()
     mask = response_mask.bool()
-    _, log_u = js_term(log_prob, old_log_prob, mask)  # the clamped, masked log u
+    log_u = masked_log_u(log_prob, old_log_prob, mask)
     term, _ = capped_term("js", log_u, max_weight)
     batch_info = dict(getattr(config, "global_batch_info", None) or {})
     js_loss = agg_loss(loss_mat=term, loss_mask=mask, loss_agg_mode=loss_agg_mode, **batch_info)
