@@ -117,7 +117,7 @@ def timing(steps: dict[int, dict[str, float]], first_step_s: float | None) -> di
 def eval_summary(eval_dir: Path, ks: Iterable[int], avg_ks: Iterable[int] = (8,)) -> dict[str, float]:
     """Greedy accuracy, avg@k (first k samples), unbiased pass@k and distinct correct answers per
     question from the eval CLI's per-question ``scores.jsonl``; plus ``rank_k.json`` when present."""
-    rows = [json.loads(line) for line in (eval_dir / "scores.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_scores(eval_dir / "scores.jsonl")
     if not rows:
         raise ValueError(f"{eval_dir / 'scores.jsonl'} is empty")
     n = min(len(r["samples"]) for r in rows)
@@ -142,6 +142,11 @@ def eval_summary(eval_dir: Path, ks: Iterable[int], avg_ks: Iterable[int] = (8,)
     return out
 
 
+def read_scores(path: Path) -> list[dict[str, Any]]:
+    """The eval CLI's per-question rows (``scores.jsonl``)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def answer_spread(rows: list[dict[str, Any]]) -> dict[str, float]:
     """How spread the sampled final answers are (rows of ``scores.jsonl`` with ``answers``; {} without):
     ``distinct_answers``, per question, and ``top_answer_share``, the share of all samples whose answer
@@ -163,8 +168,7 @@ def load_runs(root: Path) -> list[dict[str, Any]]:
         run = json.loads(path.read_text())
         scores = path.parent / "eval" / "scores.jsonl"
         if isinstance(run.get("eval"), dict) and "top_answer_share" not in run["eval"] and scores.is_file():
-            rows = [json.loads(line) for line in scores.read_text().splitlines() if line.strip()]
-            run["eval"].update(answer_spread(rows))
+            run["eval"].update(answer_spread(read_scores(scores)))
         runs.append(run)
     return runs
 
