@@ -1,6 +1,11 @@
 """Helpers for the end-to-end tests: run verl's own trainer (``python -m verl.trainer.main_ppo``)
 on the tiny CPU recipes in a subprocess, with a deadline, and read its per-step metrics from verl's
-file logger (``<workdir>/metrics.jsonl``)."""
+file logger (``<workdir>/metrics.jsonl``).
+
+Every run holds the machine-wide lock ``/tmp/dyjr_e2e.lock`` (the one the experiments and
+benchmarks take), from launch to the ``ray stop`` after it: a test run never shares the 2 cores with
+another trainer, and its ``ray stop --force`` never kills the Ray cluster of an experiment that is
+running meanwhile. A test that finds the lock busy says so on the console and waits."""
 
 from __future__ import annotations
 
@@ -11,10 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dyjr_verl.analysis.steps import FILE_LOGGER_ENV, file_logger_env, read_steps
+from dyjr_verl.experiments.config import LOCK_PATH
+from dyjr_verl.experiments.process import e2e_lock
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES = REPO_ROOT / "dyjr_verl" / "recipes"
 RUN_DEADLINE_S = 900  # a tiny run takes 2-4 minutes on 2 cores; anything past this is a hang
+LOCK = LOCK_PATH
+LOCK_WAIT_S = 3 * 3600  # an experiment's run holds the lock for up to ~80 min (RLEP's collection + training)
 
 
 @dataclass
@@ -29,6 +38,16 @@ class Run:
         return self.log[-n:]
 
 
+def machine_lock():
+    """The machine-wide trainer lock (module docstring), for any test that runs vLLM or a trainer."""
+
+    def say_waiting() -> None:  # on the real stderr: pytest captures the test's own output
+        print(f"\n[e2e] {LOCK} is held by another trainer run (an experiment?); waiting up to "
+              f"{LOCK_WAIT_S // 3600} h", file=sys.__stderr__, flush=True)
+
+    return e2e_lock(LOCK, LOCK_WAIT_S, on_wait=say_waiting)
+
+
 def run_main_ppo(recipe: str, assets: Path, workdir: Path, *overrides: str, deadline_s: int = RUN_DEADLINE_S) -> Run:
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "main_ppo.log"
@@ -40,14 +59,17 @@ def run_main_ppo(recipe: str, assets: Path, workdir: Path, *overrides: str, dead
         f"trainer.default_local_dir={workdir / 'checkpoints'}",
         *overrides,
     ]
-    with log_path.open("w") as log:
+
+    with machine_lock(), log_path.open("w") as log:
         try:
             proc = subprocess.run(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=deadline_s)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
             rc = -9
-    # Ray leaves its local cluster behind when the driver is killed; stop it so runs don't pile up.
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True, timeout=120)
+        # Ray leaves its local cluster behind when the driver is killed; stop it so runs don't pile
+        # up. Under the lock: no other trainer's cluster is running now.
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True,
+                       timeout=120)
     metrics = Path(env[FILE_LOGGER_ENV])  # <workdir>/metrics.jsonl, resolved
     # a run that failed before its first step has no metrics file: its steps are empty, and the
     # tests' step assertions show the console tail

@@ -25,6 +25,7 @@ from dyjr_verl.experiments.collapse_config import (
     comparison,
 )
 from dyjr_verl.experiments.process import ProcResult
+from e2e_utils import machine_lock
 
 
 def _file_log(path: Path, steps: dict[int, dict]) -> None:
@@ -544,47 +545,44 @@ def test_real_grpo_smollm2_run_killed_after_its_first_checkpoint_resumes_from_it
     run = exp.runs[0]
     run_dir = run.dir(exp.out)
     run_dir.mkdir(parents=True)
-    lock = open("/tmp/dyjr_e2e.lock", "a")  # the machine-wide lock every trainer run takes
-    import fcntl
 
-    fcntl.flock(lock, fcntl.LOCK_EX)
+    def launch(n: int, kill_at_checkpoint: bool) -> int:
+        start = segments.latest_checkpoint(run_dir / "checkpoints")
+        cmd = collapse.trainer_command(exp, run, run_dir, inputs, resume_from=start, end_step=3,
+                                       recipes=collapse.recipes_dir())
+        cheap = {"trainer.val_before_train": "false", "actor_rollout_ref.rollout.val_kwargs.n": "4"}
+        cmd = [f"{o.split('=')[0]}={cheap[o.split('=')[0]]}" if o.split("=")[0] in cheap else o for o in cmd]
+        env = collapse.child_env(inputs, segments.segment_path(run_dir, n))
+        with (run_dir / f"main_ppo.{n}.log").open("w") as log:
+            proc = subprocess.Popen(["nice", "-n", "10", *cmd], cwd=run_dir, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            t0 = time.monotonic()
+            while proc.poll() is None and time.monotonic() - t0 < 1500:
+                if kill_at_checkpoint and segments.latest_checkpoint(run_dir / "checkpoints") >= 1:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    break
+                time.sleep(2)
+            else:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True,
+                       timeout=120)
+        return start
+
     try:
-        def launch(n: int, kill_at_checkpoint: bool) -> int:
-            start = segments.latest_checkpoint(run_dir / "checkpoints")
-            cmd = collapse.trainer_command(exp, run, run_dir, inputs, resume_from=start, end_step=3,
-                                           recipes=collapse.recipes_dir())
-            cheap = {"trainer.val_before_train": "false", "actor_rollout_ref.rollout.val_kwargs.n": "4"}
-            cmd = [f"{o.split('=')[0]}={cheap[o.split('=')[0]]}" if o.split("=")[0] in cheap else o for o in cmd]
-            env = collapse.child_env(inputs, segments.segment_path(run_dir, n))
-            with (run_dir / f"main_ppo.{n}.log").open("w") as log:
-                proc = subprocess.Popen(["nice", "-n", "10", *cmd], cwd=run_dir, env=env, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-                t0 = time.monotonic()
-                while proc.poll() is None and time.monotonic() - t0 < 1500:
-                    if kill_at_checkpoint and segments.latest_checkpoint(run_dir / "checkpoints") >= 1:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                        proc.wait()
-                        break
-                    time.sleep(2)
-                else:
-                    if proc.poll() is None:
-                        os.killpg(proc.pid, signal.SIGKILL)
-            subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True,
-                           timeout=120)
-            return start
-
-        assert launch(0, kill_at_checkpoint=True) == 0
-        first = segments.latest_checkpoint(run_dir / "checkpoints")
-        assert 1 <= first < 3, (run_dir / "main_ppo.0.log").read_text()[-3000:]
-        assert launch(1, kill_at_checkpoint=False) == first
-        assert segments.latest_checkpoint(run_dir / "checkpoints") == 3, (run_dir / "main_ppo.1.log").read_text()[-3000:]
-        second, _ = segments.read_segment(segments.segment_path(run_dir, 1))
-        assert min(second) == first + 1 and max(second) == 3  # resumed, not from scratch
-        steps, _ = collapse.read_run_steps(run_dir)
-        assert sorted(steps) == [1, 2, 3] and all("actor/entropy" in steps[s] for s in steps)
-        assert "rank_k/p1" in steps[3]
+        with machine_lock():  # the machine-wide lock every trainer run takes
+            assert launch(0, kill_at_checkpoint=True) == 0
+            first = segments.latest_checkpoint(run_dir / "checkpoints")
+            assert 1 <= first < 3, (run_dir / "main_ppo.0.log").read_text()[-3000:]
+            assert launch(1, kill_at_checkpoint=False) == first
+            assert segments.latest_checkpoint(run_dir / "checkpoints") == 3, (run_dir / "main_ppo.1.log").read_text()[-3000:]
+            second, _ = segments.read_segment(segments.segment_path(run_dir, 1))
+            assert min(second) == first + 1 and max(second) == 3  # resumed, not from scratch
+            steps, _ = collapse.read_run_steps(run_dir)
+            assert sorted(steps) == [1, 2, 3] and all("actor/entropy" in steps[s] for s in steps)
+            assert "rank_k/p1" in steps[3]
     finally:
-        lock.close()
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 

@@ -4,7 +4,7 @@ at dp = 1.
 
 Opt-in (``-m dp2``, ``make test-dp2``): four trainer runs, about 10 minutes on 2 cores when the
 machine is otherwise idle (see ``benchmarks/dp2_e2e.md``). Each run takes the machine-wide lock
-``/tmp/dyjr_e2e.lock`` itself, so do not wrap this file in ``flock``.
+``/tmp/dyjr_e2e.lock`` itself (``e2e_utils.run_main_ppo``), so do not wrap this file in ``flock``.
 
 Both shapes see the same data and the same rollouts, so their first updates can be compared:
 
@@ -37,14 +37,10 @@ from pathlib import Path
 
 import pytest
 
-from dyjr_verl.experiments.process import e2e_lock
 from dyjr_verl.seeded_rollout import write_agent_loop_config
 from e2e_utils import run_main_ppo
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dp2]
-
-LOCK = Path("/tmp/dyjr_e2e.lock")
-LOCK_WAIT_S = 3 * 3600  # other sessions' trainer runs hold the lock meanwhile
 
 REL_TOL = 2e-3  # 3x the largest dp = 1 vs dp = 2 difference measured (module docstring)
 ABS_TOL = 1e-6  # for values near 0: an on-policy GRPO loss is a token mean of +-A terms that nearly cancel
@@ -88,12 +84,11 @@ class Runs:
     def get(self, recipe: str, dp: int, steps: int, *overrides: str):
         key = (recipe, dp)
         if key not in self._done:
-            with e2e_lock(LOCK, LOCK_WAIT_S):
-                self._done[key] = run_main_ppo(
-                    recipe, self.assets, self.root / f"{recipe}_dp{dp}",
-                    f"trainer.n_gpus_per_node={dp}", f"trainer.total_training_steps={steps}",
-                    *self.same_inputs, *overrides,
-                )
+            self._done[key] = run_main_ppo(  # takes the machine-wide lock itself
+                recipe, self.assets, self.root / f"{recipe}_dp{dp}",
+                f"trainer.n_gpus_per_node={dp}", f"trainer.total_training_steps={steps}",
+                *self.same_inputs, *overrides,
+            )
         return self._done[key]
 
 

@@ -4,8 +4,8 @@ Fast tests: a checkpoint that holds nothing loadable (config and tokenizer only,
 without 'hf_model', but no FSDP shards), an HF directory without weights, missing shards, a Megatron
 layout: each is one ``error:`` line and exit code 2. The e2e test trains the tiny model for one step
 with verl's own trainer (default ``save_contents``: FSDP shards, no HF weights), then evaluates the
-checkpoint, which the CLI merges with ``verl.model_merger``. On a shared machine serialise it with
-the other e2e runs: ``flock /tmp/dyjr_e2e.lock .venv/bin/python -m pytest -q tests/test_eval_checkpoint.py``.
+checkpoint, which the CLI merges with ``verl.model_merger``. Both hold the machine-wide trainer lock
+(``e2e_utils.machine_lock``), so do not wrap this file in ``flock``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from dyjr_verl.eval.__main__ import main
-from e2e_utils import run_main_ppo
+from e2e_utils import machine_lock, run_main_ppo
 
 
 @pytest.fixture
@@ -111,10 +111,11 @@ def test_eval_merges_a_verl_fsdp_checkpoint_of_a_tiny_run(tiny_assets, tmp_path)
     assert not list((actor / "huggingface").glob("*.safetensors"))  # the case this test is about
 
     out = tmp_path / "eval"
-    proc = subprocess.run(
-        [sys.executable, "-m", "dyjr_verl.eval", "--model", str(ckpt), "--data",
-         f"arith={tiny_assets / 'arith' / 'test.parquet'}", "--samples", "2", "--limit", "4", "--max-tokens", "24",
-         "--out", str(out)], capture_output=True, text=True, timeout=600)
+    with machine_lock():  # vLLM: serialised like the trainer run
+        proc = subprocess.run(
+            [sys.executable, "-m", "dyjr_verl.eval", "--model", str(ckpt), "--data",
+             f"arith={tiny_assets / 'arith' / 'test.parquet'}", "--samples", "2", "--limit", "4", "--max-tokens",
+             "24", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     merged = out / "merged_model"
     assert (merged / "model.safetensors").stat().st_size > 0 and (merged / "tokenizer.json").is_file()
