@@ -63,7 +63,9 @@ micro-batch without fresh tokens adds nothing (it runs ``ppo_loss`` on its repla
 since verl's bypass-mode loss refuses an all-zero mask, and keeps neither loss nor metrics).
 
 Metrics (keys prefixed ``replay/``; verl adds its ``actor/`` prefix when logging): ``rows``,
-``tokens``, ``fresh_tokens`` (per-rank counts, summed over micro-batches), ``loss`` (coef x term)
+``tokens``, ``fresh_tokens`` (counts summed over micro-batches; verl then averages SUM metrics over
+dp ranks and over the step's mini-batches, so the logged value is per rank and mini-batch, not the
+step's total, which the trainer logs as ``<method>/replay/rows``), ``loss`` (coef x term)
 and ``term`` (the aggregated replay term), ``coef``, and token means over replay tokens: ``u_mean``,
 ``u_outside`` (share of u outside [0.5, 2]), ``u_above_10`` (share of u > 10: where a weight cap
 binds), ``drift`` (mean |log u|, what an adaptive store
