@@ -220,6 +220,7 @@ def test_the_fingerprint_is_saved_beside_the_state_as_json(make_trainer, tmp_pat
     ("dyjr", {"replay": {"as_pg": True}}, DyJRTrainer),
     ("rlep", {"enable": False}, RLEPTrainer),
     ("exgrpo", {}, ExGRPOTrainer),
+    ("exgrpo", {"pool": {"logprobs": "rollout"}}, ExGRPOTrainer),
 ])
 def test_the_config_fingerprint_is_what_the_trainer_stores_and_reads(make_trainer, tmp_path, method, node, cls):
     """The start-up check computes the fingerprint from the config alone: it must describe the rows
@@ -231,4 +232,5 @@ def test_the_config_fingerprint_is_what_the_trainer_stores_and_reads(make_traine
     assert fingerprint["record_k"] == t.topk_record_k()
     if isinstance(t, UpdateReplayMethod):
         assert fingerprint["admitted_fields"] == sorted(t.admitted_read_fields())
+    if isinstance(t, (UpdateReplayMethod, ExGRPOTrainer)):  # the methods that store log-probs
         assert fingerprint["stored_log_probs"] == t.recorded_log_probs_key()

@@ -22,15 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional
 
 from dyjr_verl.replay.config import Checker, ConfigNode, ReplayConfig
+from dyjr_verl.replay.stored_logprobs import LOGPROBS_FIELDS, stored_logprobs_problems, stored_logprobs_warnings
 
-__all__ = ["BufferConfig", "JSConfig", "DyJRReplayConfig", "DyJRConfig", "PG_ADVANTAGE_ESTIMATORS", "LOGPROBS_FIELDS",
+__all__ = ["BufferConfig", "JSConfig", "DyJRReplayConfig", "DyJRConfig", "PG_ADVANTAGE_ESTIMATORS",
            "DEFAULT_MAX_WEIGHT", "resolved_capacity"]
 
 #: verl advantage estimators that give one advantage per trajectory (outcome-level: the same value on
 #: every response token), the only kind ``replay.as_pg`` can store as a scalar
 PG_ADVANTAGE_ESTIMATORS = ("grpo", "grpo_vectorized", "grpo_passk", "rloo", "rloo_vectorized", "opo", "gpg")
-#: ``buffer.logprobs`` -> the step's field stored as each token's log-prob
-LOGPROBS_FIELDS = {"rollout": "rollout_log_probs", "old": "old_log_probs"}
 #: ``js.max_weight``'s default (its docstring entry says why 4)
 DEFAULT_MAX_WEIGHT = 4.0
 
@@ -257,13 +256,17 @@ class DyJRConfig(ConfigNode):
             problems.append(f"dyjr.replay.as_pg stores one advantage per trajectory: it needs an outcome-level "
                             f"algorithm.adv_estimator ({', '.join(PG_ADVANTAGE_ESTIMATORS)}), got {estimator}")
         if self.enable:
-            problems.extend(_stored_logprobs_problems(self.buffer.logprobs, config))
+            problems.extend(stored_logprobs_problems("dyjr.buffer.logprobs", self.buffer.logprobs, config))
         return problems
 
     def verl_warnings(self, config: Any) -> list[str]:
         """Settings that run but work against the method with the rest of verl's config (``plan`` and
         start-up print them)."""
-        return _stored_logprobs_warnings(self.buffer.logprobs, config) if self.enable else []
+        if not self.enable:
+            return []
+        return stored_logprobs_warnings("dyjr.buffer.logprobs", self.buffer.logprobs, config,
+                                        "the divergence pulls it up (sharpening, against DyJR's aim; the drift "
+                                        "never falls to 0)")
 
     def replay_fingerprint(self) -> dict[str, Any]:
         """What the stored rows mean and how they are laid out (:mod:`dyjr_verl.replay.checkpoint`):
@@ -274,50 +277,3 @@ class DyJRConfig(ConfigNode):
                 "record_k": self.js.topk_k if self.enable and self.js.estimator == "topk" else 0,
                 "admitted_fields": ["advantages"] if self.replay.as_pg else [],
                 "stored_log_probs": self.buffer.logprobs_field}
-
-
-_ROLLOUT = "actor_rollout_ref.rollout"
-
-
-def _stored_logprobs_problems(logprobs: str, config: Any) -> list[str]:
-    """``buffer.logprobs`` choices whose log-probs this config does not produce."""
-    from omegaconf import OmegaConf
-
-    from dyjr_verl.diagnostics.config import bypass_mode
-
-    if logprobs == "old":
-        if bypass_mode(config):
-            return ["dyjr.buffer.logprobs=old stores verl's recomputed old log-probs, but with "
-                    "algorithm.rollout_correction.bypass_mode=true verl recomputes none (old_log_probs := vLLM's "
-                    "rollout log-probs): use dyjr.buffer.logprobs=rollout, or bypass_mode=false"]
-        return []
-    if not OmegaConf.select(config, f"{_ROLLOUT}.calculate_log_probs", default=True):
-        return [f"dyjr.buffer.logprobs=rollout stores vLLM's log-probs, which verl records only with "
-                f"{_ROLLOUT}.calculate_log_probs=true: set it, or dyjr.buffer.logprobs=old"]
-    mode = str(OmegaConf.select(config, f"{_ROLLOUT}.logprobs_mode", default="processed_logprobs"))
-    if mode.endswith("_logits"):
-        return [f"dyjr.buffer.logprobs=rollout with {_ROLLOUT}.logprobs_mode={mode} would store logits, not "
-                "log-probs: use logprobs_mode=processed_logprobs, or dyjr.buffer.logprobs=old"]
-    return []
-
-
-def _stored_logprobs_warnings(logprobs: str, config: Any) -> list[str]:
-    """vLLM's processed log-prob is renormalised over the tokens top-k / top-p keep, so with
-    ``buffer.logprobs=rollout`` every stored l exceeds the untruncated log-prob pi_theta is compared
-    with: u < 1 on every replayed token even for an unchanged policy."""
-    from omegaconf import OmegaConf
-
-    if logprobs != "rollout":
-        return []
-    mode = str(OmegaConf.select(config, f"{_ROLLOUT}.logprobs_mode", default="processed_logprobs"))
-    if mode != "processed_logprobs":
-        return []  # raw log-probs are taken before top-k / top-p (logits modes are refused)
-    top_p = float(OmegaConf.select(config, f"{_ROLLOUT}.top_p", default=None) or 1.0)
-    top_k = int(OmegaConf.select(config, f"{_ROLLOUT}.top_k", default=None) or -1)  # 0 and -1: off
-    truncated = [text for text, on in ((f"top_p={top_p:g}", top_p < 1), (f"top_k={top_k}", top_k > 0)) if on]
-    if not truncated:
-        return []
-    return [f"dyjr.buffer.logprobs=rollout with {_ROLLOUT}.{' and '.join(truncated)}: vLLM's stored log-probs are "
-            "renormalised over the kept tokens, so EVERY replayed token has u = pi_theta / pi_stored < 1 and the "
-            "divergence pulls it up (sharpening, against DyJR's aim; the drift never falls to 0): set "
-            "dyjr.buffer.logprobs=old (verl's recomputed log-probs), or top_p=1 and top_k=-1"]

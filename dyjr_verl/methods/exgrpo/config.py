@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional
 
 from dyjr_verl.replay.config import Checker, ConfigNode, ReplayConfig, critic_free_problems
+from dyjr_verl.replay.stored_logprobs import LOGPROBS_FIELDS, stored_logprobs_problems, stored_logprobs_warnings
 
 __all__ = ["ExGRPOPoolConfig", "ExGRPOSelectConfig", "ExGRPOLossConfig", "ExGRPOConfig"]
 
@@ -28,7 +29,12 @@ class ExGRPOPoolConfig(ConfigNode):
         lbound < k <= rbound; rbound null means K-1. k = K retires the question.
     logprobs: which recorded log-probs replayed tokens are compared with: ``old`` = the
         trainer's log-probs of the rollout policy computed at rollout time (the official code's
-        choice; no inference/training engine mismatch) or ``rollout`` = vLLM's sampling log-probs.
+        choice; no inference/training engine mismatch; not with rollout-correction bypass mode,
+        which recomputes none: refused) or ``rollout`` = vLLM's sampling log-probs (needs
+        ``actor_rollout_ref.rollout.calculate_log_probs=true``: refused otherwise, never replaced by
+        ``old``; with top_p < 1 or top_k > 0 they are renormalised over the kept tokens, so w is
+        biased low on every replayed token: ``plan`` and start-up warn). Part of the pool's
+        checkpoint fingerprint: a resume with the other choice is refused.
     max_per_question: cap on stored trajectories per question, oldest dropped (0 = no cap).
     correct_threshold: a rollout is correct when its score exceeds this.
     """
@@ -142,12 +148,15 @@ class ExGRPOConfig(ConfigNode):
         """What the stored pool is (:mod:`dyjr_verl.replay.checkpoint`); Ex-GRPO records nothing per row."""
         from dyjr_verl.methods.exgrpo.pool import ExperiencePool
 
-        return {"method": self.default_path, "store": ExperiencePool.__name__, "record_k": 0}
+        return {"method": self.default_path, "store": ExperiencePool.__name__, "record_k": 0,
+                "stored_log_probs": LOGPROBS_FIELDS[self.pool.logprobs]}
 
     def verl_problems(self, config: Any) -> list[str]:
         from omegaconf import OmegaConf
 
         problems = critic_free_problems("exgrpo", config)
+        if self.enable:
+            problems.extend(stored_logprobs_problems("exgrpo.pool.logprobs", self.pool.logprobs, config))
         n = OmegaConf.select(config, "actor_rollout_ref.rollout.n", default=None)
         if n is None:
             return problems
@@ -159,3 +168,10 @@ class ExGRPOConfig(ConfigNode):
         elif self.pool.rbound is None and self.pool.lbound >= n - 1:
             problems.append(f"exgrpo.pool.lbound must be < rollout.n - 1 ({n - 1}), got {self.pool.lbound}")
         return problems
+
+    def verl_warnings(self, config: Any) -> list[str]:
+        if not self.enable:
+            return []
+        return stored_logprobs_warnings("exgrpo.pool.logprobs", self.pool.logprobs, config,
+                                        "Ex-GRPO's importance weight w is biased low on every replayed token, as "
+                                        "if the policy had moved away from its experience")

@@ -44,6 +44,7 @@ from dyjr_verl.methods.exgrpo.pool import ExperiencePool, pool_state_digest
 from dyjr_verl.replay.codec import td_column
 from dyjr_verl.replay.group_rows import GroupStep, PromptGroup, ReplayRowSpec
 from dyjr_verl.replay.group_strategy import GroupReplayTrainer
+from dyjr_verl.replay.stored_logprobs import LOGPROBS_FIELDS
 from dyjr_verl.replay.terms import ReplayLossSpec
 
 
@@ -99,14 +100,14 @@ class ExGRPOTrainer(GroupReplayTrainer):
                                            step=int(self.global_steps), metrics=metrics)
 
     # -- 4. pool ---------------------------------------------------------------------------------------
-    def _recorded_key(self) -> str:
-        if self.method_config.pool.logprobs == "rollout" and self.config.actor_rollout_ref.rollout.calculate_log_probs:
-            return "rollout_log_probs"
-        return "old_log_probs"
+    def recorded_log_probs_key(self) -> str:
+        # a choice this config cannot produce is refused at start-up (ExGRPOConfig.verl_problems)
+        return LOGPROBS_FIELDS[self.method_config.pool.logprobs]
 
     def step_fields(self) -> list[str]:
         # the pool update reads the same pass as the loss fields (one TransferQueue read)
-        return list(dict.fromkeys([*super().step_fields(), "uid", "rm_scores", "responses", self._recorded_key()]))
+        own = ["uid", "rm_scores", "responses", self.recorded_log_probs_key()]
+        return list(dict.fromkeys([*super().step_fields(), *own]))
 
     def after_group_step(self, batch: KVBatchMeta, step: GroupStep, metrics: dict) -> None:
         data, keys, tags = step.data, step.data_keys, step.data_tags
@@ -115,7 +116,7 @@ class ExGRPOTrainer(GroupReplayTrainer):
             data = self.tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=self.step_fields())
         replay = set(step.replay_keys)
         columns = zip(keys, tags, td_column(data, "uid"), data["rm_scores"].unbind(0), data["responses"].unbind(0),
-                      data[self._recorded_key()].unbind(0), strict=True)
+                      data[self.recorded_log_probs_key()].unbind(0), strict=True)
         rows = [(key, key in replay, str(uid), float(rm.float().sum()), resp, lp)
                 for key, tag, uid, rm, resp, lp in columns if not tag.get("is_padding", False)]
         self.experience.update_pool(step.groups, rows, step=int(self.global_steps), metrics=metrics)
