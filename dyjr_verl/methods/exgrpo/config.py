@@ -34,7 +34,9 @@ class ExGRPOPoolConfig(ConfigNode):
         ``actor_rollout_ref.rollout.calculate_log_probs=true``: refused otherwise, never replaced by
         ``old``; with top_p < 1 or top_k > 0 they are renormalised over the kept tokens, so w is
         biased low on every replayed token: ``plan`` and start-up warn). Part of the pool's
-        checkpoint fingerprint: a resume with the other choice is refused.
+        checkpoint fingerprint: a resume with the other choice is refused, and so is one from a
+        checkpoint written before the fingerprint had it (resume that with the version that wrote
+        it, or move its dyjr_replay_state.pkl away and set ``exgrpo.replay.resume_empty=true``).
     max_per_question: cap on stored trajectories per question, oldest dropped (0 = no cap).
     correct_threshold: a rollout is correct when its score exceeds this.
     """
