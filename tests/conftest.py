@@ -20,6 +20,13 @@ for _folder in (_TESTS, _TESTS / "replay", _TESTS / "methods" / "dyjr"):
     sys.path.insert(0, str(_folder))
 
 
+def pytest_configure(config):
+    import e2e_utils
+
+    # a test waiting for the machine-wide trainer lock says so on the console, past output capture
+    e2e_utils.CAPTURE = config.pluginmanager.getplugin("capturemanager")
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

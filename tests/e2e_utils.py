@@ -9,6 +9,7 @@ running meanwhile. A test that finds the lock busy says so on the console and wa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ RECIPES = REPO_ROOT / "dyjr_verl" / "recipes"
 RUN_DEADLINE_S = 900  # a tiny run takes 2-4 minutes on 2 cores; anything past this is a hang
 LOCK = LOCK_PATH
 LOCK_WAIT_S = 3 * 3600  # an experiment's run holds the lock for up to ~80 min (RLEP's collection + training)
+CAPTURE = None  # pytest's capture manager, set by conftest.py's pytest_configure
 
 
 @dataclass
@@ -41,9 +43,10 @@ class Run:
 def machine_lock():
     """The machine-wide trainer lock (module docstring), for any test that runs vLLM or a trainer."""
 
-    def say_waiting() -> None:  # on the real stderr: pytest captures the test's own output
-        print(f"\n[e2e] {LOCK} is held by another trainer run (an experiment?); waiting up to "
-              f"{LOCK_WAIT_S // 3600} h", file=sys.__stderr__, flush=True)
+    def say_waiting() -> None:  # past pytest's output capture, so the wait is seen while it lasts
+        with CAPTURE.global_and_fixture_disabled() if CAPTURE else contextlib.nullcontext():
+            print(f"\n[e2e] {LOCK} is held by another trainer run (an experiment?); waiting up to "
+                  f"{LOCK_WAIT_S // 3600} h", file=sys.stderr, flush=True)
 
     return e2e_lock(LOCK, LOCK_WAIT_S, on_wait=say_waiting)
 

@@ -4,6 +4,7 @@ test suite, and its ``ray stop --force``, happens while it holds the machine-wid
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 
@@ -40,9 +41,27 @@ def test_the_trainer_and_its_ray_stop_run_under_the_machine_lock(tmp_path, monke
     assert not _held_by_someone(lock)  # released afterwards
 
 
+class FakeCapture:
+    """pytest's capture manager as e2e_utils uses it: records that output capture was lifted."""
+
+    def __init__(self):
+        self.lifted = 0
+
+    @contextlib.contextmanager
+    def global_and_fixture_disabled(self):
+        self.lifted += 1
+        yield
+
+
+def test_conftest_hands_the_real_capture_manager_over(pytestconfig):
+    assert e2e_utils.CAPTURE is pytestconfig.pluginmanager.getplugin("capturemanager") is not None
+
+
 def test_a_busy_lock_is_announced_and_nothing_runs_until_it_is_free(tmp_path, monkeypatch, capfd):
     lock = tmp_path / "e2e.lock"
     monkeypatch.setattr(e2e_utils, "LOCK", lock)
+    capture = FakeCapture()
+    monkeypatch.setattr(e2e_utils, "CAPTURE", capture)
     monkeypatch.setattr(e2e_utils, "LOCK_WAIT_S", 0)  # give up at once instead of waiting hours
     monkeypatch.setattr(e2e_utils.subprocess, "run", lambda *a, **k: pytest.fail("ran while the lock was busy"))
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
@@ -53,3 +72,4 @@ def test_a_busy_lock_is_announced_and_nothing_runs_until_it_is_free(tmp_path, mo
     finally:
         os.close(fd)
     assert f"[e2e] {lock} is held by another trainer run" in capfd.readouterr().err
+    assert capture.lifted == 1  # printed past pytest's capture, once
