@@ -18,7 +18,7 @@ from pathlib import Path
 
 from dyjr_verl.analysis.steps import FILE_LOGGER_ENV, file_logger_env, read_steps
 from dyjr_verl.experiments.config import LOCK_PATH
-from dyjr_verl.experiments.process import e2e_lock
+from dyjr_verl.experiments.process import e2e_lock, ray_stop
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES = REPO_ROOT / "dyjr_verl" / "recipes"
@@ -62,7 +62,6 @@ def run_main_ppo(recipe: str, assets: Path, workdir: Path, *overrides: str, dead
         f"trainer.default_local_dir={workdir / 'checkpoints'}",
         *overrides,
     ]
-
     with machine_lock(), log_path.open("w") as log:
         try:
             proc = subprocess.run(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=deadline_s)
@@ -71,8 +70,7 @@ def run_main_ppo(recipe: str, assets: Path, workdir: Path, *overrides: str, dead
             rc = -9
         # Ray leaves its local cluster behind when the driver is killed; stop it so runs don't pile
         # up. Under the lock: no other trainer's cluster is running now.
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True,
-                       timeout=120)
+        ray_stop()
     metrics = Path(env[FILE_LOGGER_ENV])  # <workdir>/metrics.jsonl, resolved
     # a run that failed before its first step has no metrics file: its steps are empty, and the
     # tests' step assertions show the console tail

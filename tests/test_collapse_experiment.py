@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from dyjr_verl.experiments.collapse_config import (
     ablation,
     comparison,
 )
-from dyjr_verl.experiments.process import ProcResult
+from dyjr_verl.experiments.process import ProcResult, ray_stop
 from e2e_utils import machine_lock
 
 
@@ -566,8 +565,7 @@ def test_real_grpo_smollm2_run_killed_after_its_first_checkpoint_resumes_from_it
             else:
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True,
-                       timeout=120)
+        ray_stop()
         return start
 
     try:
