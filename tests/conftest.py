@@ -48,6 +48,19 @@ def tiny_assets(tmp_path_factory) -> Path:
     return build(tmp_path_factory.mktemp("tiny_assets"), AssetSpec())
 
 
+@pytest.fixture(scope="session")
+def grpo_tiny_run(tiny_assets, tmp_path_factory):
+    """One 3-step run of the ``grpo_tiny_cpu`` recipe through verl's trainer, saving its step-3
+    checkpoint with verl's default ``save_contents`` (FSDP shards, no HF weights). Shared by the
+    trainer test and the checkpoint-eval test: one trainer start (Ray, vLLM, FSDP) fewer in CI.
+    Returns ``(run, workdir)``."""
+    from e2e_utils import run_main_ppo
+
+    workdir = tmp_path_factory.mktemp("grpo_tiny_run")
+    run = run_main_ppo("grpo_tiny_cpu", tiny_assets, workdir, "trainer.total_training_steps=3", "trainer.save_freq=3")
+    return run, workdir
+
+
 @pytest.fixture
 def one_intra_op_thread():
     """Many small block ops (the top-k kernel tests): on a shared 2-core machine intra-op thread

