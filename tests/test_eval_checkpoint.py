@@ -4,8 +4,9 @@ Fast tests: a checkpoint that holds nothing loadable (config and tokenizer only,
 without 'hf_model', but no FSDP shards), an HF directory without weights, missing shards, a Megatron
 layout: each is one ``error:`` line and exit code 2. The e2e test evaluates the step-3 checkpoint of
 the tiny GRPO run that conftest's ``grpo_tiny_run`` shares (verl's trainer, default ``save_contents``:
-FSDP shards, no HF weights); the CLI merges it with ``verl.model_merger``, then samples it with vLLM. Both hold the machine-wide trainer lock
-(``e2e_utils.machine_lock``), so do not wrap this file in ``flock``.
+FSDP shards, no HF weights); the CLI merges it with ``verl.model_merger``, then samples it with vLLM.
+The run and the evaluation each hold the machine-wide trainer lock (``e2e_utils.machine_lock``), so
+do not wrap this file in ``flock``.
 """
 
 from __future__ import annotations
