@@ -485,9 +485,17 @@ def test_report_writes_the_six_panels_response_length_pass_at_k_tables_and_keeps
     _records(abl, ["klcov", "dyjr_coef0"], [0], kind="ablation")
     readme = write_collapse_report(runs, out, abl)
     for png in ("entropy.png", "reward.png", "heldout_mean_at_k.png", "rank1.png", "rank2.png", "rank3.png",
-                "response_length.png", "pass_at_k.png"):
+                "response_length.png", "pass_at_k.png", "per_seed.png", "ablation.png"):
         assert (out / png).stat().st_size > 1000, png
     md = readme.read_text()
+    assert "![per seed](per_seed.png)" in md and "![ablations over training steps](ablation.png)" in md
+    # back from the collapse: entropy's last 5 (steps 6..10 of 1/(1+s)) minus its lowest 3-step average
+    # (steps 8..10), Rank-1's highest 3-step average minus its last 5; GRPO's row (no bump)
+    assert "| GRPO | 3 |" in md and "| 0.013 ± 0.000 | 0.010 ± 0.000 |" in md.split("| GRPO | 3 |")[1].splitlines()[0]
+    spread = md.split("## DyJR against the seed spread")[1].split("## Cost per method")[0]
+    assert "DyJR (JS) (3 seeds) vs GRPO (3 seeds)" in spread and "| DyJR (forward KL) − GRPO |" in spread
+    assert "| entropy: last 5 − lowest (3-step avg) |" in spread and "test greedy" in spread
+    assert "Step and wall times" not in spread and "most common answer" not in spread
     assert "| DyJR (forward KL) | 3 |" in md and "held-out mean@64 at the end %" in md
     assert "## Cost per method" in md and "## Ablations (validation split)" in md and "| klcov | 1 |" in md
     assert "grpo (main, seed 0)" in md and "test pass@64" not in md.split("## Ablations")[1].split("## Reading")[0]

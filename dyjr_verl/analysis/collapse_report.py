@@ -13,8 +13,15 @@ From the run records of ``python -m dyjr_verl.experiments.collapse`` (``<label>/
   length penalty can collapse answers to a bare number, which the per-token panels alone would read
   as sharper token choices;
 * ``pass_at_k.png``: the final evaluation's unbiased pass@k against k = 1..64 (mean over seeds, band);
-* the table, mean ± std over seeds, and the cost per method (steady step, total wall);
-* the ablations (validation slice, one seed) next to the main comparison's seed-0 GRPO and DyJR;
+* the table, mean ± std over seeds, with how far each run came back from its collapse (entropy's last
+  5 steps minus its lowest point, Rank-1's highest point minus its last 5), and the cost per method
+  (steady step, total wall);
+* ``per_seed.png``: entropy, Rank-1, response length and held-out mean@K of every run, one column per
+  method (the bands of the mean panels hide seeds that went different ways);
+* each DyJR variant minus every other method in units of the larger seed std (analysis.report's
+  :func:`comparison`): "beyond the seed spread" or not, as a number;
+* the ablations (validation slice, one seed) next to the main comparison's seed-0 GRPO and DyJR, with
+  ``ablation.png`` (entropy, Rank-1, response length, held-out mean@K over steps);
 * a Reading section for a person to write (kept when the report is regenerated).
 """
 
@@ -26,7 +33,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from dyjr_verl.analysis.report import Column, _kept_reading, band, group_runs, method_table, plot_over_steps, save_figure
+from dyjr_verl.analysis.report import (Column, _kept_reading, band, comparison, group_runs, label_of, method_table,
+                                       plot_over_steps, save_figure, series)
 from dyjr_verl.experiments.collapse_config import ABLATIONS, LABELS, MAIN_METHODS
 from dyjr_verl.experiments.records import load_runs
 
@@ -48,6 +56,19 @@ def _last(key: str | None, tail: int = 1):
         vals = [m[key] for _, m in sorted(((int(s), m) for s, m in r.get("steps", {}).items()), key=lambda x: x[0])
                 if key in m and math.isfinite(m[key])]
         return statistics.fmean(vals[-tail:]) if vals else None
+    return get
+
+
+def _back_from_extreme(key: str, lowest: bool):
+    """How far a run came back from its collapse: mean of the last 5 steps minus the lowest point of the
+    smoothed curve (entropy), or the highest point minus the last 5 (Rank-1). The paper's DyJR: ≈ +0.4 in
+    entropy and ≈ +0.1 in Rank-1, its GRPO ≈ 0 (method.md §1.1)."""
+    def get(r: dict[str, Any]) -> float | None:
+        raw, smoothed = series([r], key), series([r], key, SMOOTH)
+        if raw is None or smoothed is None:
+            return None
+        last = statistics.fmean(raw[1][-5:])
+        return last - min(smoothed[1]) if lowest else max(smoothed[1]) - last
     return get
 
 
@@ -83,7 +104,15 @@ def columns(heldout: str | None, k: int) -> list[Column]:
         Column("Rank-2, last 5 steps", _last("rank_k/p2", 5), _num(3)),
         Column("Rank-3, last 5 steps", _last("rank_k/p3", 5), _num(3)),
         Column("response tokens, last 5 steps", _last("response_length/mean", 5), _num(1)),
+        Column(f"entropy: last 5 − lowest ({SMOOTH}-step avg)", _back_from_extreme("actor/entropy", True), _num(3)),
+        Column(f"Rank-1: highest ({SMOOTH}-step avg) − last 5", _back_from_extreme("rank_k/p1", False), _num(3)),
     ]
+
+
+#: the columns of the "against the seed spread" comparison (the issue's questions: re-inflation, Rank-1,
+#: held-out mean@k, diversity)
+COMPARED = ("held-out mean@", "test greedy %", "test mean@64 %", "test pass@64 %", "distinct correct / question",
+            "entropy, last 5 steps", "Rank-1, last 5 steps", "Rank-2, last 5 steps", "entropy: last 5", "Rank-1: highest")
 
 
 COST_COLUMNS = [
@@ -145,6 +174,49 @@ def panels(heldout: str | None, k: int) -> list[tuple[str, str, str, int]]:
     ]
 
 
+def plot_per_seed(groups: dict[str, list[dict[str, Any]]], rows: list[tuple[str, str, int]], out: Path) -> bool:
+    """One column per method, one row per (metric key, title, smoothing), one line per seed: the mean
+    panels' bands hide runs that went different ways (a collapsed seed and one that never learned
+    average to neither). False when no run has any of the keys."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds = sorted({r["seed"] for runs in groups.values() for r in runs})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(len(rows), len(groups), figsize=(3.3 * len(groups), 2.4 * len(rows)),
+                             squeeze=False, sharex=True, sharey="row")
+    drawn = False
+    for j, (label, runs) in enumerate(groups.items()):
+        axes[0][j].set_title(label_of(label, LABELS), fontsize=10)
+        for i, (key, title, smooth) in enumerate(rows):
+            ax = axes[i][j]
+            for r in runs:
+                s = series([r], key, smooth)
+                if s is not None:
+                    ax.plot(s[0], s[1], lw=1.2, marker="o" if smooth == 1 else None, ms=3,
+                            color=colors[seeds.index(r["seed"]) % len(colors)], label=f"seed {r['seed']}")
+                    drawn = True
+            ax.grid(alpha=0.3)
+            if j == 0:
+                ax.set_ylabel(title, fontsize=8)
+            if i == len(rows) - 1:
+                ax.set_xlabel("training step")
+    if not drawn:
+        plt.close(fig)
+        return False
+    axes[0][0].legend(fontsize=7)
+    save_figure(fig, out)
+    return True
+
+
+def per_seed_rows(heldout: str | None, k: int) -> list[tuple[str, str, int]]:
+    return [("actor/entropy", f"entropy ({SMOOTH}-step avg)", SMOOTH), ("rank_k/p1", f"Rank-1 ({SMOOTH}-step avg)", SMOOTH),
+            ("response_length/mean", f"response tokens ({SMOOTH}-step avg)", SMOOTH),
+            (heldout or "val-core/?/acc/mean@?", f"held-out mean@{k}", 1)]
+
+
 def _setup(runs: list[dict[str, Any]]) -> str:
     r0 = runs[0]
     s, ev = r0.get("settings", {}), r0.get("eval_settings", {})
@@ -169,19 +241,34 @@ def _setup(runs: list[dict[str, Any]]) -> str:
     ])
 
 
-def _ablation_section(abl: list[dict[str, Any]], main: list[dict[str, Any]], heldout: str | None, k: int) -> str:
+def _ablation_section(abl: list[dict[str, Any]], main: list[dict[str, Any]], heldout: str | None, k: int,
+                      out: Path) -> str:
+    seed = min(x["seed"] for x in abl)
     refs = [dict(r, label=f"{r['label']} (main, seed {r['seed']})") for r in main
-            if r["label"] in ("grpo", "dyjr") and r["seed"] == min(x["seed"] for x in abl)]
-    groups = _ordered(group_runs(refs + abl), [f"{m} (main, seed 0)" for m in ("grpo", "dyjr")] + list(ABLATIONS))
+            if r["label"] in ("grpo", "dyjr") and r["seed"] == seed]
+    groups = _ordered(group_runs(refs + abl), [f"{m} (main, seed {seed})" for m in ("grpo", "dyjr")] + list(ABLATIONS))
     cols = [c for c in columns(heldout, k) if not c.title.startswith("test ")] + [
         Column("val greedy %", _eval("greedy"), _pct, True), Column("val pass@64 %", _eval("pass@64"), _pct, True)]
     table, _ = method_table(groups, cols, LABELS)
     overrides = "\n".join(f"- `{label}`: " + ", ".join(f"`{o}`" for o in ABLATIONS[label][1]) for label in groups
                           if label in ABLATIONS)
+    png = out / "ablation.png"
+    keys = [("actor/entropy", "token entropy"), ("rank_k/p1", "Rank-1 probability"),
+            ("response_length/mean", "response tokens"), (heldout or "val-core/?/acc/mean@?", f"held-out mean@{k}")]
+    figure = f"![ablations over training steps]({png.name})" if plot_over_steps(groups, keys, png, SMOOTH, LABELS) else ""
+    if not figure:
+        png.unlink(missing_ok=True)
     return "\n".join([
         ("One seed each; every number is on the validation split (the in-training held-out slice and the final "
          "evaluation), never the test split. References: the main comparison's GRPO and DyJR runs of the same seed "
-         "(the final-evaluation columns of those are on the test split and left out here)."), "", overrides, "", table])
+         "(the final-evaluation columns of those are on the test split and left out here)."), "", overrides, "",
+        figure, "", f"Per-step panels: {SMOOTH}-step trailing moving average (the held-out one included).", "", table])
+
+
+def _spread_section(stats: dict[str, dict[str, Any]], cols: list[Column]) -> str:
+    """Each DyJR variant minus every other method on the compared columns, in units of the larger seed std."""
+    compared = [c for c in cols if c.title.startswith(COMPARED)]
+    return "\n\n".join(comparison(stats, compared, ref=ref, labels=LABELS) for ref in ("dyjr", "dyjr_fkl") if ref in stats)
 
 
 def write_collapse_report(runs_dir: Path, out: Path, ablation_dir: Path | None = None) -> Path:
@@ -202,8 +289,12 @@ def write_collapse_report(runs_dir: Path, out: Path, ablation_dir: Path | None =
     pass_png = out / "pass_at_k.png"
     if not plot_pass_at_k(groups, pass_png):
         pass_png.unlink(missing_ok=True)
-    table, _ = method_table(groups, columns(heldout, k), LABELS)
+    main_columns = columns(heldout, k)
+    table, stats = method_table(groups, main_columns, LABELS)
     cost, _ = method_table(groups, COST_COLUMNS, LABELS)
+    per_seed_png = out / "per_seed.png"
+    if not plot_per_seed(groups, per_seed_rows(heldout, k), per_seed_png):
+        per_seed_png.unlink(missing_ok=True)
     readme = out / "README.md"
     parts = [
         "# Collapse experiment: GRPO vs DyJR (JS) vs DyJR (forward KL) vs RLEP vs Ex-GRPO on SmolLM2-135M (CPU)", "",
@@ -216,11 +307,14 @@ def write_collapse_report(runs_dir: Path, out: Path, ablation_dir: Path | None =
         "## Final evaluation", "",
         "![pass@k](pass_at_k.png)" if pass_png.exists() else "_No pass@k in the run records._", "",
         "Mean ± sample std over seeds:", "", table, "",
+        "## Every run (one line per seed)", "",
+        "![per seed](per_seed.png)" if per_seed_png.exists() else "_No per-step metrics in the run records._", "",
+        "## DyJR against the seed spread", "", _spread_section(stats, main_columns), "",
         "## Cost per method", "", cost, "",
     ]
     abl = [r for r in load_runs(ablation_dir) if r.get("status") == "done"] if ablation_dir and ablation_dir.is_dir() else []
     if abl:
-        parts += ["## Ablations (validation split)", "", _ablation_section(abl, runs, heldout, k), ""]
+        parts += ["## Ablations (validation split)", "", _ablation_section(abl, runs, heldout, k, out), ""]
     parts += ["## Reading", "", _kept_reading(readme) or (
         "_To be written: does DyJR re-inflate entropy and lower Rank-1 relative to GRPO beyond the seed spread, "
         "does it change held-out mean@k, which ablation carries the effect. A null result is a result._"), ""]

@@ -120,13 +120,16 @@ def method_table(groups: dict[str, list[dict[str, Any]]], columns: Sequence[Colu
 
 
 def comparison(stats: dict[str, dict[str, Stat | None]], columns: Sequence[Column] = COLUMNS, ref: str = "dyjr",
-               base: str = "grpo") -> str:
-    """DyJR minus every other method per metric, against the seed spread (factual, no verdict)."""
+               base: str = "grpo", labels: dict[str, str] | None = None) -> str:
+    """``ref`` (DyJR) minus every other method per metric, against the seed spread (factual, no verdict)."""
+    def name(key: str) -> str:
+        return label_of(key, labels)
+
     if ref not in stats or len(stats) < 2:
-        return f"_No comparison: the runs hold no {label_of(ref)} results or nothing to compare it with._"
+        return f"_No comparison: the runs hold no {name(ref)} results or nothing to compare it with._"
     out = []
     others = [k for k in stats if k != ref]
-    head = "| metric | " + " | ".join(f"{label_of(ref)} − {label_of(o)}" for o in others) + " |"
+    head = "| metric | " + " | ".join(f"{name(ref)} − {name(o)}" for o in others) + " |"
     out += [head, "|---" * (len(others) + 1) + "|"]
     summary: dict[str, list[str]] = {"above": [], "below": [], "within": []}
     for c in columns:
@@ -151,16 +154,17 @@ def comparison(stats: dict[str, dict[str, Stat | None]], columns: Sequence[Colum
         n_ref, n_base = (max((s.n for s in stats[k].values() if s), default=0) for k in (ref, base))
         parts = []
         if summary["above"]:
-            parts.append("higher than GRPO by more than the larger seed std on " + ", ".join(summary["above"]))
+            parts.append(f"higher than {name(base)} by more than the larger seed std on " + ", ".join(summary["above"]))
         if summary["below"]:
-            parts.append("lower than GRPO by more than the larger seed std on " + ", ".join(summary["below"]))
+            parts.append(f"lower than {name(base)} by more than the larger seed std on " + ", ".join(summary["below"]))
         if summary["within"]:
-            parts.append("within one seed std of GRPO on " + ", ".join(summary["within"]))
+            parts.append(f"within one seed std of {name(base)} on " + ", ".join(summary["within"]))
         sentence = ("; ".join(parts) + ".") if parts else "no metric has a seed spread to compare with (one seed)."
-        text = (f"DyJR ({_seeds(n_ref)}) vs GRPO ({_seeds(n_base)}): " + sentence +
+        text = (f"{name(ref)} ({_seeds(n_ref)}) vs {name(base)} ({_seeds(n_base)}): " + sentence +
                 " Seed std is the sample standard deviation over seeds; with a handful of seeds it is itself "
-                "uncertain, so a difference of about one std is not evidence either way. Step and wall times: lower is cheaper. "
-                "Rank-1 probability: lower means more probability off the top token.\n\n" + text)
+                "uncertain, so a difference of about one std is not evidence either way."
+                + (" Step and wall times: lower is cheaper." if any("(s)" in c.title for c in columns) else "")
+                + " Rank-1 probability: lower means more probability off the top token.\n\n" + text)
     return text
 
 
