@@ -69,7 +69,9 @@ step's total, which the trainer logs as ``<method>/replay/rows``), ``loss`` (coe
 and ``term`` (the aggregated replay term), ``coef``, and token means over replay tokens: ``u_mean``,
 ``u_outside`` (share of u outside [0.5, 2]), ``u_above_10`` (share of u > 10: where a weight cap
 binds), ``drift`` (mean |log u|, what an adaptive store
-reads back), ``weight_mean`` (the term's per-token diagnostic). The token
+reads back), ``log_u_mean`` (mean log u: minus the sampled KL from the stored policy to pi_theta; with
+``u_mean`` it gives the forward-KL term's uncapped value, u_mean - 1 - log_u_mean), ``weight_mean``
+(the term's per-token diagnostic). The token
 means are exact mini-batch means when ``replay_tokens_in_minibatch`` is present (each micro-batch reports
 ``local_sum * dp_size / count`` with SUM aggregation); otherwise they are averages of
 per-micro-batch means (micro-batches without replay tokens report 0). ``u_max``: the largest u
@@ -311,7 +313,7 @@ def replay_aware_loss(
     # -- replay rows: the replay term only -----------------------------------------------------
     agg_type = _global_info_metric_type(dp_size, verl_tokens, verl_seqs, config)
 
-    stats = {"u": 0.0, "u_outside": 0.0, "u_above_10": 0.0, "drift": 0.0, "weight": 0.0}
+    stats = {"u": 0.0, "u_outside": 0.0, "u_above_10": 0.0, "drift": 0.0, "log_u": 0.0, "weight": 0.0}
     u_max = 0.0
     if n_replay_rows:
         if STORED_LOG_PROBS_KEY not in data.keys():
@@ -349,6 +351,7 @@ def replay_aware_loss(
             stats["u_above_10"] = float(((lu > math.log(10.0)).float() * m).sum())
             u_max = float(torch.exp(lu.masked_fill(~tok_mask, -math.inf).max()))
             stats["drift"] = float((lu.abs() * m).sum())
+            stats["log_u"] = float((lu * m).sum())
             stats["weight"] = float((out.weight * m).sum())
         loss = fresh_loss + coef * replay_term.to(fresh_loss.dtype)
     else:
@@ -377,6 +380,7 @@ def replay_aware_loss(
             f"{prefix}u_above_10": token_mean["u_above_10"],
             f"{prefix}u_max": Metric(AggregationType.MAX, u_max),
             f"{prefix}drift": token_mean["drift"],
+            f"{prefix}log_u_mean": token_mean["log_u"],
             f"{prefix}weight_mean": token_mean["weight"],
         }
     )

@@ -277,7 +277,8 @@ def test_metrics_present_and_exact_token_means():
     fn = make_replay_loss_fn(cfg, ReplayLossSpec(kind="js", coef=0.1))
     td = add_normalizers(make_batch(extreme=True), mini_batch_size=8)
     _, metrics, _ = engine_grads(model, fn, td, micro=4)
-    keys = {"rows", "tokens", "fresh_tokens", "term", "loss", "coef", "u_mean", "u_outside", "drift", "weight_mean"}
+    keys = {"rows", "tokens", "fresh_tokens", "term", "loss", "coef", "u_mean", "u_outside", "drift", "log_u_mean",
+            "weight_mean"}
     for m in metrics:
         assert {f"replay/{k}" for k in keys} <= set(m)
         assert "actor/pg_loss" in m
@@ -298,10 +299,28 @@ def test_metrics_present_and_exact_token_means():
     mask = pad["response_mask"].bool()
     lu = torch.where(mask, lp.float() - pad["stored_log_probs"].float(), torch.zeros_like(lp).float()).clamp(-20, 20)
     assert math.isclose(total("replay/drift"), float(lu.abs()[mask].mean()), rel_tol=1e-5)
+    assert math.isclose(total("replay/log_u_mean"), float(lu[mask].mean()), rel_tol=1e-5)
     assert math.isclose(total("replay/u_mean"), float(lu.exp()[mask].mean()), rel_tol=1e-5)
     outside = ((lu.exp() < 0.5) | (lu.exp() > 2.0))[mask].float().mean()
     assert math.isclose(total("replay/u_outside"), float(outside), rel_tol=1e-5)
     assert math.isfinite(total("replay/term"))
+
+
+def test_forward_kl_term_is_u_mean_minus_one_minus_log_u_mean_and_js_is_not():
+    """f_KL = u - 1 - log u is linear in u and log u, so the logged term equals u_mean - 1 - log_u_mean
+    (what the end-to-end forward-KL test checks on verl's trainer); f_JS is about half of it."""
+    model = TinyPolicy()
+    td = add_normalizers(make_batch(), mini_batch_size=8)
+
+    def logged(kind):
+        _, metrics, _ = engine_grads(model, make_replay_loss_fn(actor_config(), ReplayLossSpec(kind=kind, coef=0.1)),
+                                     td, micro=4)
+        return {k: sum(float(m[f"replay/{k}"].values[0]) for m in metrics) for k in ("term", "u_mean", "log_u_mean")}
+
+    kl, js = logged("forward_kl"), logged("js")
+    identity = kl["u_mean"] - 1.0 - kl["log_u_mean"]
+    assert identity > 1e-3 and math.isclose(kl["term"], identity, rel_tol=1e-5)
+    assert js["u_mean"] == pytest.approx(kl["u_mean"]) and js["term"] < 0.75 * identity
 
 
 @pytest.mark.parametrize("kind", ["js", "shaped_pg"])
