@@ -128,6 +128,45 @@ def test_dyjr_tiny_recipe_replays_through_the_js_term(assets, tmp_path):
     assert resumed.steps[4]["dyjr/replay/rows"] > 0  # replays restored rows right away
 
 
+def test_dyjr_forward_kl_on_a_frozen_buffer_trains_through_main_ppo(assets, tmp_path):
+    """dyjr.js.divergence=forward_kl anchored to dyjr.buffer.frozen=true (filled once at step 1 and never
+    refreshed: the static-reference ablation, DPH-RL's setting), 3 steps. No weight cap, so the logged
+    term is exactly the token mean of u - 1 - log u."""
+    run = run_main_ppo(
+        "dyjr_tiny_cpu", assets, tmp_path,
+        "trainer.total_training_steps=3", "dyjr.js.divergence=forward_kl", "dyjr.js.max_weight=null",
+        "dyjr.buffer.frozen=true", "dyjr.buffer.admit=all",
+    )
+    assert run.returncode == 0, run.tail()
+    assert sorted(run.steps) == [1, 2, 3], run.tail()
+    size, admitted = _series(run, "dyjr/buffer/size"), _series(run, "dyjr/buffer/admitted")
+    assert size[0] > 0 and size == [size[0]] * 3, size  # the fill at step 1, nothing after
+    assert admitted[0] >= size[0] and admitted[1:] == [0.0, 0.0], admitted
+    assert _series(run, "dyjr/buffer/age_max") == [0.0, 1.0, 2.0]  # its rows only age
+    for step in (2, 3):
+        m = run.steps[step]
+        assert m["actor/replay/rows"] > 0 and m["dyjr/replay/mean_age"] == step - 1, m
+        # f_KL is linear in u and log u: term = u_mean - 1 - log_u_mean (f_JS would be about half of it)
+        kl = m["actor/replay/u_mean"] - 1.0 - m["actor/replay/log_u_mean"]
+        assert kl > 0 and m["actor/replay/term"] == pytest.approx(kl, rel=1e-3, abs=1e-7), m
+
+
+def test_dyjr_replay_as_pg_trains_buffer_rows_through_the_clipped_pg_term(assets, tmp_path):
+    """dyjr.replay.as_pg=true (the "regularise, don't re-train" ablation): the same FIFO buffer, replayed
+    rows through the clipped PG term with the advantage stored at collection, 3 steps."""
+    run = run_main_ppo("dyjr_tiny_cpu", assets, tmp_path, "trainer.total_training_steps=3", "dyjr.replay.as_pg=true")
+    assert run.returncode == 0, run.tail()
+    assert sorted(run.steps) == [1, 2, 3], run.tail()
+    for step in (2, 3):
+        m = run.steps[step]
+        assert m["actor/replay/rows"] > 0, m
+        # correct rows of a mixed group carry a positive stored advantage, so -A x ratio < 0; a divergence
+        # (f_JS, f_KL >= 0) never is
+        assert m["actor/replay/term"] < 0, m
+        assert 0.0 <= m["actor/replay/weight_mean"] <= 1.0, m  # the share of clipped tokens
+    assert max(_series(run, "actor/grad_norm")) > 0.0
+
+
 def test_dyjr_topk_estimator_records_top_k_and_trains_on_exact_js(assets, tmp_path):
     """dyjr.js.estimator=topk: the old-log-prob probe stores each trajectory's top-k record, the
     update runs the engine's logits-processor path and the replay term is the exact top-k JS."""
