@@ -498,7 +498,12 @@ def test_report_writes_the_six_panels_response_length_pass_at_k_tables_and_keeps
     assert "Step and wall times" not in spread and "most common answer" not in spread
     assert "| DyJR (forward KL) | 3 |" in md and "held-out mean@64 at the end %" in md
     assert "## Cost per method" in md and "## Ablations (validation split)" in md and "| klcov | 1 |" in md
-    assert "grpo (main, seed 0)" in md and "test pass@64" not in md.split("## Ablations")[1].split("## Reading")[0]
+    abl_md = md.split("## Ablations")[1].split("## Reading")[0]
+    assert "GRPO (main, seed 0)" in abl_md and "test pass@64" not in abl_md
+    # the references' final evaluation is on the test split: never shown in the validation columns
+    ref_row = next(line for line in abl_md.splitlines() if line.startswith("| DyJR (JS) (main, seed 0) |"))
+    assert ref_row.rstrip(" |").endswith("| – | –"), ref_row  # val greedy, val pass@64
+    assert "| 50.0 |" in next(line for line in abl_md.splitlines() if line.startswith("| klcov |"))
     assert "30.0 ± 0.0" in md or "30.0" in md  # the held-out column at the last step, as a percentage
     assert "response tokens, last 5 steps" in md and "| 16.0 ± 0.0 |" in md  # mean of 40 - 3s over steps 6..10
     assert "most common answer, share of samples %" in md

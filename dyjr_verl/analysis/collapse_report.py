@@ -244,17 +244,20 @@ def _setup(runs: list[dict[str, Any]]) -> str:
 def _ablation_section(abl: list[dict[str, Any]], main: list[dict[str, Any]], heldout: str | None, k: int,
                       out: Path) -> str:
     seed = min(x["seed"] for x in abl)
-    refs = [dict(r, label=f"{r['label']} (main, seed {r['seed']})") for r in main
+    # the references' final evaluation is on the test split: left out (eval={}), never shown as validation
+    refs = [dict(r, label=f"{LABELS[r['label']]} (main, seed {r['seed']})", eval={}) for r in main
             if r["label"] in ("grpo", "dyjr") and r["seed"] == seed]
-    groups = _ordered(group_runs(refs + abl), [f"{m} (main, seed {seed})" for m in ("grpo", "dyjr")] + list(ABLATIONS))
+    groups = _ordered(group_runs(refs + abl),
+                      [f"{LABELS[m]} (main, seed {seed})" for m in ("grpo", "dyjr")] + list(ABLATIONS))
     cols = [c for c in columns(heldout, k) if not c.title.startswith("test ")] + [
         Column("val greedy %", _eval("greedy"), _pct, True), Column("val pass@64 %", _eval("pass@64"), _pct, True)]
     table, _ = method_table(groups, cols, LABELS)
     overrides = "\n".join(f"- `{label}`: " + ", ".join(f"`{o}`" for o in ABLATIONS[label][1]) for label in groups
                           if label in ABLATIONS)
     png = out / "ablation.png"
-    keys = [("actor/entropy", "token entropy"), ("rank_k/p1", "Rank-1 probability"),
-            ("response_length/mean", "response tokens"), (heldout or "val-core/?/acc/mean@?", f"held-out mean@{k}")]
+    keys = [("actor/entropy", "token entropy", SMOOTH), ("rank_k/p1", "Rank-1 probability", SMOOTH),
+            ("response_length/mean", "response tokens", SMOOTH),
+            (heldout or "val-core/?/acc/mean@?", f"held-out mean@{k}", 1)]
     figure = f"![ablations over training steps]({png.name})" if plot_over_steps(groups, keys, png, SMOOTH, LABELS) else ""
     if not figure:
         png.unlink(missing_ok=True)
@@ -262,7 +265,8 @@ def _ablation_section(abl: list[dict[str, Any]], main: list[dict[str, Any]], hel
         ("One seed each; every number is on the validation split (the in-training held-out slice and the final "
          "evaluation), never the test split. References: the main comparison's GRPO and DyJR runs of the same seed "
          "(the final-evaluation columns of those are on the test split and left out here)."), "", overrides, "",
-        figure, "", f"Per-step panels: {SMOOTH}-step trailing moving average (the held-out one included).", "", table])
+        figure, "", f"Per-step panels: {SMOOTH}-step trailing moving average; the held-out panel is unsmoothed.", "",
+        table])
 
 
 def _spread_section(stats: dict[str, dict[str, Any]], cols: list[Column]) -> str:

@@ -210,23 +210,25 @@ def save_figure(fig: Any, out: Path) -> None:
     plt.close(fig)
 
 
-def plot_over_steps(groups: dict[str, list[dict[str, Any]]], panels: Sequence[tuple[str, str]], out: Path,
+def plot_over_steps(groups: dict[str, list[dict[str, Any]]], panels: Sequence[tuple], out: Path,
                     smooth: int = 1, labels: dict[str, str] | None = None) -> list[str]:
-    """One panel per (metric key, title), one line per method (mean over seeds, ± std band). Returns
-    the titles of the panels that had data; writes nothing when none had."""
+    """One panel per (metric key, title[, smoothing]), one line per method (mean over seeds, ± std
+    band); a panel without its own smoothing takes ``smooth``. Returns the titles of the panels that
+    had data; writes nothing when none had."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    data = {key: {label: series(runs, key, smooth) for label, runs in groups.items()} for key, _ in panels}
-    shown = [(k, t) for k, t in panels if any(v is not None for v in data[k].values())]
+    specs = [(p[0], p[1], p[2] if len(p) > 2 else smooth) for p in panels]
+    data = {key: {label: series(runs, key, sm) for label, runs in groups.items()} for key, _, sm in specs}
+    shown = [(k, t, sm) for k, t, sm in specs if any(v is not None for v in data[k].values())]
     if not shown:
         return []
     fig, axes = plt.subplots(1, len(shown), figsize=(5.2 * len(shown), 3.6), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (key, title) in zip(axes[0], shown):
+    for ax, (key, title, sm) in zip(axes[0], shown):
         for i, label in enumerate(groups):
             s = data[key][label]
             if s is None:
@@ -235,13 +237,13 @@ def plot_over_steps(groups: dict[str, list[dict[str, Any]]], panels: Sequence[tu
             color = colors[i % len(colors)]
             n = len(groups[label])
             band(ax, xs, mean, std, f"{label_of(label, labels)} (n={n})", color=color)
-        ax.set_title(title + (f" ({smooth}-step moving avg)" if smooth > 1 else ""), fontsize=10)
+        ax.set_title(title + (f" ({sm}-step moving avg)" if sm > 1 else ""), fontsize=10)
         ax.set_xlabel("training step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     save_figure(fig, out)
-    return [t for _, t in shown]
+    return [t for _, t, _ in shown]
 
 
 def _warmstart_section(runs: list[dict[str, Any]]) -> str:
