@@ -41,8 +41,9 @@ Adaptive window (``window: adaptive``)
     tokens' drift is high and grows back after calm steps; entries outside a shrunk window are evicted.
 
 Frozen (``frozen: true``; the static-reference ablation)
-    The first :meth:`push` is the fill (the start model's admitted rollouts, capacity applied as for
-    any push); after it :meth:`push` only moves the clock (nothing admitted, nothing counted) and
+    The first :meth:`push` that admits anything is the fill (the start model's admitted rollouts, or
+    the earliest step's that has any, capacity applied as for any push; each empty push before it is
+    warned); after it :meth:`push` only moves the clock (nothing admitted, nothing counted) and
     nothing is ever evicted by age, so the content stays the fill and ages grow by one per step.
     ``window: adaptive`` is refused by the config. Whether the fill happened is part of the state,
     and a state saved frozen (or not) is refused by a buffer that is not (or is).
@@ -127,7 +128,7 @@ class TimeSensitiveBuffer:
         self._drift_window = DriftWindow(self.config)
         self._counters = self._zero_counters()
         self._totals = self._zero_counters()
-        self._filled = False  # frozen: the fill (first push) happened
+        self._filled = False  # frozen: the fill (first push that admitted anything) happened
 
     # ------------------------------------------------------------------------------------------
     @staticmethod
@@ -224,10 +225,15 @@ class TimeSensitiveBuffer:
             self._blocks.pop()  # keep no empty tail block
         self._evict_overflow(rng)
         if self.frozen:
-            self._filled = True
-            if not self._size:
-                logger.warning(f"dyjr.buffer.frozen: the fill at step {self._step} admitted nothing "
-                               f"({rejected} rejected): the buffer stays empty and nothing is replayed in this run")
+            # the fill is the first push that admits anything: under a sparse reward the start model's
+            # first step often has no correct answer, and an empty static reference would make the run GRPO
+            self._filled = bool(self._size)
+            if self._filled:
+                logger.info(f"dyjr.buffer.frozen: filled at step {self._step} with {self._size} trajectories; "
+                            f"never refreshed from now on")
+            else:
+                logger.warning(f"dyjr.buffer.frozen: step {self._step} admitted nothing ({rejected} rejected): "
+                               f"nothing to replay yet, the fill waits for the next step's rollouts")
         return {"admitted": admitted, "rejected": rejected}
 
     def sample(self, n: int, rng: RngLike = None) -> list[Trajectory]:

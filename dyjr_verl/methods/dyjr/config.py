@@ -53,15 +53,16 @@ class BufferConfig(ConfigNode):
     admit: ``correct`` (reward > correct_threshold), ``all``, or ``threshold``
         (reward >= admit_threshold).
     frozen: a static reference (ablation of "dynamic"; DPH-RL's reference): the trajectories
-        admitted at the first training step (the start model's rollouts) are stored and the buffer
-        never changes after that: nothing is pushed, nothing is evicted, ages grow. Frozen, each
+        admitted at the first training step that admits any (the start model's rollouts when step 1
+        has an admitted one) are stored and the buffer never changes after that: nothing is pushed, nothing is evicted, ages grow. Frozen, each
         setting means: ``admit`` / ``admit_threshold`` / ``correct_threshold`` choose what the
         fill keeps; ``capacity`` bounds the fill (an overflowing first step keeps a random seeded
         subset of ``capacity`` admitted rows); ``max_age`` is not used (no age eviction; ``plan`` warns when
         it is not the default); ``window`` must be ``fixed`` (an adaptive window would evict: refused),
         so ``min_age``, ``drift_*``, ``shrink_step``, ``grow_*`` are unused as with any fixed window.
         A fill smaller than one step's replay rows is drawn with replacement (the replay share stays
-        DyJR's); a first step that admits nothing leaves the buffer empty for the whole run (warned).
+        DyJR's); each step that admits nothing before the fill is warned, and the fill waits for
+        the next (under a sparse reward the start model's first step often has no correct answer).
     logprobs: what each stored token's log-prob l is (u = pi_theta / exp(l)): ``rollout`` = vLLM's
         log-prob of the token as it was sampled (``rollout_log_probs``, after temperature, top-k and
         top-p), so E_{y~Q}[f(u)] is exactly the divergence to the sampling policy Q; needs

@@ -74,13 +74,16 @@ def test_frozen_fill_respects_admission_and_capacity():
     assert buf.metrics(prefix="")["rejected"] == 1 and not buf.accepting
 
 
-def test_frozen_fill_that_admits_nothing_warns_and_stays_empty(caplog):
+def test_frozen_fill_waits_for_the_first_step_that_admits_anything(caplog):
     buf = TimeSensitiveBuffer(BufferConfig(frozen=True))
     with caplog.at_level(logging.WARNING):
         buf.push(1, [traj(0, 1, reward=0.0)])
-    assert "admitted nothing" in caplog.text
-    buf.push(2, [traj(0, 2)])
-    assert len(buf) == 0 and not buf.accepting
+    assert "admitted nothing" in caplog.text and "waits for the next step" in caplog.text
+    assert len(buf) == 0 and buf.accepting  # not filled yet: an empty reference would make the run GRPO
+    buf.push(2, [traj(1, 2), traj(2, 2, reward=0.0)])  # the fill: step 2's admitted rows
+    assert [t.step for t in buf] == [2] and not buf.accepting
+    buf.push(3, [traj(3, 3)])
+    assert [t.step for t in buf] == [2] and buf.metrics()["buffer/age_max"] == 1.0  # never refreshed, only ages
 
 
 def test_frozen_state_round_trip_and_mode_mismatch():
