@@ -474,7 +474,8 @@ def _records(root: Path, labels, seeds, kind="comparison"):
                 "settings": {"steps": 10, "test_freq": 5, "val_questions": 8, "val_k": 64},
                 "eval_settings": {"split": "test" if kind == "comparison" else "val", "samples": 64, "temperature": 1.0,
                                   "questions": 32},
-                "timing": {"steady_step_s": 60.0, "segments": 1, "collect_s": 0.0, "total_wall_s": 900.0}}))
+                "timing": {"steady_step_s": 60.0, "segments": 1, "collect_s": 0.0, "total_wall_s": 900.0},
+                "segments": [{"segment": 0, "commit": ("ea39d0c0" if seed else "fa266c11") + "0" * 32}]}))
 
 
 def test_report_writes_the_six_panels_response_length_pass_at_k_tables_and_keeps_the_reading(tmp_path):
@@ -488,6 +489,7 @@ def test_report_writes_the_six_panels_response_length_pass_at_k_tables_and_keeps
                 "response_length.png", "pass_at_k.png", "per_seed.png", "ablation.png"):
         assert (out / png).stat().st_size > 1000, png
     md = readme.read_text()
+    assert "`ea39d0c`: DyJR (JS) 1, DyJR (JS) 2," in md and "`fa266c1`: DyJR (JS) 0," in md  # code per run
     assert "![per seed](per_seed.png)" in md and "![ablations over training steps](ablation.png)" in md
     # back from the collapse: entropy's last 5 (steps 6..10 of 1/(1+s)) minus its lowest 3-step average
     # (steps 8..10), Rank-1's highest 3-step average minus its last 5; GRPO's row (no bump)

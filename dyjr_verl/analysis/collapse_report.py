@@ -217,6 +217,18 @@ def per_seed_rows(heldout: str | None, k: int) -> list[tuple[str, str, int]]:
             (heldout or "val-core/?/acc/mean@?", f"held-out mean@{k}", 1)]
 
 
+def code_commits(runs: list[dict[str, Any]]) -> str:
+    """Which commit's code trained which runs (each launch records ``git rev-parse HEAD`` of the code it
+    ran, ``segments[].commit``): runs keep the fingerprint of their settings, recipes, data and model,
+    not of the code, so the report says it."""
+    by_commit: dict[str, list[str]] = {}
+    for r in runs:
+        commits = sorted({(s.get("commit") or "unknown")[:7] for s in r.get("segments", [])}) or ["unknown"]
+        by_commit.setdefault(" + ".join(commits), []).append(f"{LABELS.get(r['label'], r['label'])} {r['seed']}")
+    return "; ".join(f"`{c}`: " + ", ".join(sorted(names)) for c, names in sorted(by_commit.items(),
+                                                                                   key=lambda kv: -len(kv[1])))
+
+
 def _setup(runs: list[dict[str, Any]]) -> str:
     r0 = runs[0]
     s, ev = r0.get("settings", {}), r0.get("eval_settings", {})
@@ -238,6 +250,7 @@ def _setup(runs: list[dict[str, Any]]) -> str:
          "phase-1 checkpoint); the collection's wall time is part of RLEP's cost."),
         ("- Cost: steady step = median verl `timing_s/step` without each launch's first step; total wall = every "
          "trainer launch (start-up, steps, validations, checkpoints) + RLEP's collection; evaluation excluded."),
+        f"- Code each run was trained with (commit: method seed): {code_commits(runs)}.",
     ])
 
 
@@ -262,6 +275,7 @@ def _ablation_section(abl: list[dict[str, Any]], main: list[dict[str, Any]], hel
     if not figure:
         png.unlink(missing_ok=True)
     return "\n".join([
+        f"Code each ablation was trained with (commit: variant seed): {code_commits(abl)}.", "",
         ("One seed each; every number is on the validation split (the in-training held-out slice and the final "
          "evaluation), never the test split. References: the main comparison's GRPO and DyJR runs of the same seed "
          "(the final-evaluation columns of those are on the test split and left out here)."), "", overrides, "",
