@@ -42,10 +42,14 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> Path:
-    """The embedded default assets (tiny model, tokenizer, tasks), built once per test session."""
+    """The embedded default assets (tiny model, tokenizer, tasks), built once per test session, under
+    the machine lock: the build's supervised warm start is minutes of CPU, which must not share the
+    2 cores with an experiment's run (only e2e tests use these assets)."""
     from dyjr_verl.assets.build import AssetSpec, build
+    from e2e_utils import machine_lock
 
-    return build(tmp_path_factory.mktemp("tiny_assets"), AssetSpec())
+    with machine_lock():
+        return build(tmp_path_factory.mktemp("tiny_assets"), AssetSpec())
 
 
 @pytest.fixture(scope="session")

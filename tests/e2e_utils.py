@@ -41,7 +41,8 @@ class Run:
 
 
 def machine_lock():
-    """The machine-wide trainer lock (module docstring), for any test that runs vLLM or a trainer."""
+    """The machine-wide trainer lock (module docstring), for any test step that runs vLLM or a trainer
+    or builds the tiny assets (their supervised warm start)."""
 
     def say_waiting() -> None:  # past pytest's output capture, so the wait is seen while it lasts
         with CAPTURE.global_and_fixture_disabled() if CAPTURE else contextlib.nullcontext():

@@ -28,7 +28,8 @@ COLLECT_DEADLINE_S = 600  # ~1 minute on 2 cores
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
-    return build(tmp_path_factory.mktemp("assets"), AssetSpec())
+    with machine_lock():  # the asset build's warm start: minutes of CPU (conftest's tiny_assets)
+        return build(tmp_path_factory.mktemp("assets"), AssetSpec())
 
 
 def _series(run, key):
