@@ -96,7 +96,7 @@ def columns(heldout: str | None, k: int) -> list[Column]:
         Column("test pass@1 %", _eval("pass@1"), _pct, True),
         Column("test pass@8 %", _eval("pass@8"), _pct, True),
         Column("test pass@64 %", _eval("pass@64"), _pct, True),
-        Column("distinct correct / question", _eval("distinct_correct"), _num(2)),
+        Column("distinct correct responses / question", _eval("distinct_correct"), _num(2)),
         Column("distinct answers / question", _eval("distinct_answers"), _num(1)),
         Column("most common answer, share of samples %", _eval("top_answer_share"), _pct, True),
         Column("entropy, last 5 steps", _last("actor/entropy", 5), _num(3)),
@@ -111,7 +111,7 @@ def columns(heldout: str | None, k: int) -> list[Column]:
 
 #: the columns of the "against the seed spread" comparison (the issue's questions: re-inflation, Rank-1,
 #: held-out mean@k, diversity)
-COMPARED = ("held-out mean@", "test greedy %", "test mean@64 %", "test pass@64 %", "distinct correct / question",
+COMPARED = ("held-out mean@", "test greedy %", "test mean@64 %", "test pass@64 %", "distinct correct responses / question",
             "entropy, last 5 steps", "Rank-1, last 5 steps", "Rank-2, last 5 steps", "entropy: last 5", "Rank-1: highest")
 
 
@@ -241,7 +241,7 @@ def _setup(runs: list[dict[str, Any]]) -> str:
          "(`val-core/…/acc/mean@K`)."),
         (f"- Final evaluation (`python -m dyjr_verl.eval`): the first {ev.get('questions')} questions of the "
          f"`{ev.get('split')}` split, greedy + {ev.get('samples')} samples at T = {ev.get('temperature')}, unbiased "
-         "pass@k for k = 1…64, distinct correct answers per question."),
+         "pass@k for k = 1…64, distinct correct responses per question."),
         ("- Reward: the last stated number against the answer (`dyjr_verl.rewards.final_number`), through verl's "
          "`dapo` reward manager with the soft overlong punishment of `_smollm2_arith.yaml` (−(length − 48)/16 over "
          "48 tokens): the training-reward panel is that penalised score, in [−1, 1]; the held-out curve and the "
