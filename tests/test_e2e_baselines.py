@@ -16,7 +16,6 @@ import sys
 
 import pytest
 
-from dyjr_verl.assets.build import AssetSpec, build
 from dyjr_verl.methods.exgrpo.pool import pool_state_digest
 from dyjr_verl.methods.rlep.pool import RLEPPool
 from e2e_utils import RECIPES, machine_lock, run_main_ppo
@@ -27,9 +26,9 @@ COLLECT_DEADLINE_S = 600  # ~1 minute on 2 cores
 
 
 @pytest.fixture(scope="session")
-def assets(tmp_path_factory):
-    with machine_lock():  # the asset build's warm start: minutes of CPU (conftest's tiny_assets)
-        return build(tmp_path_factory.mktemp("assets"), AssetSpec())
+def assets(tiny_assets):
+    # shared with the other e2e files (one asset build per session); nothing here writes into it
+    return tiny_assets
 
 
 def _series(run, key):
@@ -37,10 +36,10 @@ def _series(run, key):
 
 
 def test_rlep_collects_a_pool_and_replays_it_inside_grpo_groups(assets, tmp_path):
-    pool_path = assets / "arith" / "rlep_pool.parquet"
+    pool_path = tmp_path / "rlep_pool.parquet"  # not the recipe's default in the shared assets
     with machine_lock():  # vLLM: serialised with the trainer runs
         proc = subprocess.run(
-            [sys.executable, "-m", "dyjr_verl.baselines.rlep_collect", "--model", str(assets / "tokenizer-model"),
+            [sys.executable, "-m", "dyjr_verl.methods.rlep.collect", "--model", str(assets / "tokenizer-model"),
              "--data", str(assets / "arith" / "train.parquet"), "--out", str(pool_path), "--n", "8",
              "--max-tokens", "32"],
             cwd=tmp_path, capture_output=True, text=True, timeout=COLLECT_DEADLINE_S,
@@ -54,7 +53,9 @@ def test_rlep_collects_a_pool_and_replays_it_inside_grpo_groups(assets, tmp_path
     assert all(len(pool.candidates(k)) >= 2 for k in pool.questions())
     assert pool.meta["n"] == 8 and pool.meta["temperature"] == 0.7
 
-    run = run_main_ppo("rlep_tiny_cpu", assets, tmp_path / "train", "trainer.total_training_steps=4")
+    run = run_main_ppo(
+        "rlep_tiny_cpu", assets, tmp_path / "train", "trainer.total_training_steps=4", f"rlep.pool_path={pool_path}"
+    )
     assert run.returncode == 0, run.tail()
     assert sorted(run.steps) == [1, 2, 3, 4], run.tail()
     rows = _series(run, "rlep/replay/rows")
