@@ -25,22 +25,16 @@ pytestmark = pytest.mark.e2e
 COLLECT_DEADLINE_S = 600  # ~1 minute on 2 cores
 
 
-@pytest.fixture(scope="session")
-def assets(tiny_assets):
-    # shared with the other e2e files (one asset build per session); nothing here writes into it
-    return tiny_assets
-
-
 def _series(run, key):
     return [run.steps[s][key] for s in sorted(run.steps) if key in run.steps[s]]
 
 
-def test_rlep_collects_a_pool_and_replays_it_inside_grpo_groups(assets, tmp_path):
+def test_rlep_collects_a_pool_and_replays_it_inside_grpo_groups(tiny_assets, tmp_path):
     pool_path = tmp_path / "rlep_pool.parquet"  # not the recipe's default in the shared assets
     with machine_lock():  # vLLM: serialised with the trainer runs
         proc = subprocess.run(
-            [sys.executable, "-m", "dyjr_verl.methods.rlep.collect", "--model", str(assets / "tokenizer-model"),
-             "--data", str(assets / "arith" / "train.parquet"), "--out", str(pool_path), "--n", "8",
+            [sys.executable, "-m", "dyjr_verl.methods.rlep.collect", "--model", str(tiny_assets / "tokenizer-model"),
+             "--data", str(tiny_assets / "arith" / "train.parquet"), "--out", str(pool_path), "--n", "8",
              "--max-tokens", "32"],
             cwd=tmp_path, capture_output=True, text=True, timeout=COLLECT_DEADLINE_S,
         )
@@ -54,7 +48,8 @@ def test_rlep_collects_a_pool_and_replays_it_inside_grpo_groups(assets, tmp_path
     assert pool.meta["n"] == 8 and pool.meta["temperature"] == 0.7
 
     run = run_main_ppo(
-        "rlep_tiny_cpu", assets, tmp_path / "train", "trainer.total_training_steps=4", f"rlep.pool_path={pool_path}"
+        "rlep_tiny_cpu", tiny_assets, tmp_path / "train",
+        "trainer.total_training_steps=4", f"rlep.pool_path={pool_path}",
     )
     assert run.returncode == 0, run.tail()
     assert sorted(run.steps) == [1, 2, 3, 4], run.tail()
@@ -75,11 +70,11 @@ def test_rlep_collects_a_pool_and_replays_it_inside_grpo_groups(assets, tmp_path
     assert max(_series(run, "actor/grad_norm")) > 0.0
 
 
-def test_exgrpo_builds_a_pool_and_replays_lowest_entropy_trajectories(assets, tmp_path):
+def test_exgrpo_builds_a_pool_and_replays_lowest_entropy_trajectories(tiny_assets, tmp_path):
     # 16 questions revisited every 2 steps, so stored questions reappear and gather several
     # trajectories; start_accuracy=0 turns replay on after step 1 (the tiny model is ~20% right)
     run = run_main_ppo(
-        "exgrpo_tiny_cpu", assets, tmp_path, "trainer.total_training_steps=5", "trainer.save_freq=5",
+        "exgrpo_tiny_cpu", tiny_assets, tmp_path, "trainer.total_training_steps=5", "trainer.save_freq=5",
         "exgrpo.start_accuracy=0.0", "data.train_max_samples=16",
     )
     assert run.returncode == 0, run.tail()
@@ -106,7 +101,7 @@ def test_exgrpo_builds_a_pool_and_replays_lowest_entropy_trajectories(assets, tm
     assert pool_state_digest(state["store"])
 
 
-def test_baseline_settings_fail_fast_with_one_line(assets, tmp_path):
+def test_baseline_settings_fail_fast_with_one_line(tiny_assets, tmp_path):
     cases = {
         ("rlep_tiny_cpu", "rlep.pool_path=/nonexistent/pool.parquet"): "rlep.pool_path does not exist",
         ("rlep_tiny_cpu", "rlep.replay_per_group=0"): "rlep.replay_per_group must be >= 1",
@@ -117,7 +112,7 @@ def test_baseline_settings_fail_fast_with_one_line(assets, tmp_path):
         proc = subprocess.run(
             [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", str(RECIPES), "--config-name", recipe,
              override, "trainer.total_training_steps=1"],
-            cwd=tmp_path, env={**os.environ, "DYJR_ASSETS_DIR": str(assets)}, capture_output=True, text=True, timeout=120,
+            cwd=tmp_path, env={**os.environ, "DYJR_ASSETS_DIR": str(tiny_assets)}, capture_output=True, text=True, timeout=120,
         )
         errors = [line for line in proc.stderr.splitlines() if line.startswith("dyjr-verl: error:")]
         assert proc.returncode == 2, (override, proc.stderr[-3000:])

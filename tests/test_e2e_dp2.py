@@ -56,11 +56,6 @@ LOSS_KEYS = ("actor/loss", "actor/pg_loss")
 
 
 @pytest.fixture(scope="module")
-def assets(tiny_assets):
-    return tiny_assets
-
-
-@pytest.fixture(scope="module")
 def same_inputs(tmp_path_factory):
     """Overrides that give dp = 1 and dp = 2 identical rollouts and micro-batches (module docstring)."""
     return [
@@ -93,8 +88,8 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def runs(assets, tmp_path_factory, same_inputs):
-    return Runs(assets, tmp_path_factory.mktemp("dp2"), same_inputs)
+def runs(tiny_assets, tmp_path_factory, same_inputs):
+    return Runs(tiny_assets, tmp_path_factory.mktemp("dp2"), same_inputs)
 
 
 def _processes(run, actor: str) -> set[str]:

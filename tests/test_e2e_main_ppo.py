@@ -21,11 +21,6 @@ from e2e_utils import RECIPES, run_main_ppo
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="session")
-def assets(tiny_assets):
-    return tiny_assets
-
-
 def _series(run, key):
     return [run.steps[s][key] for s in sorted(run.steps) if key in run.steps[s]]
 
@@ -65,12 +60,12 @@ def test_grpo_tiny_recipe_trains_through_main_ppo(grpo_tiny_run):
             assert (math.isnan(got) and math.isnan(value)) or got == pytest.approx(value), (step, key)
 
 
-def test_dyjr_js_policy_loss_in_a_plain_grpo_run_as_the_readme_documents(assets, tmp_path):
+def test_dyjr_js_policy_loss_in_a_plain_grpo_run_as_the_readme_documents(tiny_assets, tmp_path):
     """The registered ``dyjr_js`` loss composed into verl's own GRPO (no DyJR buffer or trainer), with
     exactly the README's overrides: verl finds it by name in its registry inside the actor workers,
     and lambda reaches them through Ray's runtime env."""
     run = run_main_ppo(
-        "grpo_tiny_cpu", assets, tmp_path, "trainer.total_training_steps=2",
+        "grpo_tiny_cpu", tiny_assets, tmp_path, "trainer.total_training_steps=2",
         "actor_rollout_ref.actor.policy_loss.loss_mode=dyjr_js", "algorithm.rollout_correction.bypass_mode=true",
         "actor_rollout_ref.rollout.calculate_log_probs=true",
         "+ray_kwargs.ray_init.runtime_env.env_vars.DYJR_JS_COEF='0.5'",
@@ -86,10 +81,10 @@ def test_dyjr_js_policy_loss_in_a_plain_grpo_run_as_the_readme_documents(assets,
     assert max(_series(run, "actor/grad_norm")) > 0.0
 
 
-def test_dyjr_tiny_recipe_replays_through_the_js_term(assets, tmp_path):
+def test_dyjr_tiny_recipe_replays_through_the_js_term(tiny_assets, tmp_path):
     # admit=all and max_age=2 make filling and age eviction deterministic within 5 steps.
     run = run_main_ppo(
-        "dyjr_tiny_cpu", assets, tmp_path,
+        "dyjr_tiny_cpu", tiny_assets, tmp_path,
         "trainer.total_training_steps=5", "trainer.save_freq=3", "trainer.test_freq=5",
         "dyjr.buffer.admit=all", "dyjr.buffer.max_age=2",
     )
@@ -118,7 +113,7 @@ def test_dyjr_tiny_recipe_replays_through_the_js_term(assets, tmp_path):
     with open(ckpt / "actor" / "dyjr_replay_state.pkl", "rb") as f:
         saved = pickle.load(f)
     resumed = run_main_ppo(
-        "dyjr_tiny_cpu", assets, tmp_path / "resume",
+        "dyjr_tiny_cpu", tiny_assets, tmp_path / "resume",
         "trainer.total_training_steps=4", "trainer.resume_mode=resume_path",
         f"trainer.resume_from_path={ckpt}", "dyjr.buffer.admit=all", "dyjr.buffer.max_age=2",
     )
@@ -128,12 +123,12 @@ def test_dyjr_tiny_recipe_replays_through_the_js_term(assets, tmp_path):
     assert resumed.steps[4]["dyjr/replay/rows"] > 0  # replays restored rows right away
 
 
-def test_dyjr_forward_kl_on_a_frozen_buffer_trains_through_main_ppo(assets, tmp_path):
+def test_dyjr_forward_kl_on_a_frozen_buffer_trains_through_main_ppo(tiny_assets, tmp_path):
     """dyjr.js.divergence=forward_kl anchored to dyjr.buffer.frozen=true (filled once at step 1 and never
     refreshed: the static-reference ablation, DPH-RL's setting), 3 steps. No weight cap, so the logged
     term is exactly the token mean of u - 1 - log u."""
     run = run_main_ppo(
-        "dyjr_tiny_cpu", assets, tmp_path,
+        "dyjr_tiny_cpu", tiny_assets, tmp_path,
         "trainer.total_training_steps=3", "dyjr.js.divergence=forward_kl", "dyjr.js.max_weight=null",
         "dyjr.buffer.frozen=true", "dyjr.buffer.admit=all",
     )
@@ -151,10 +146,12 @@ def test_dyjr_forward_kl_on_a_frozen_buffer_trains_through_main_ppo(assets, tmp_
         assert kl > 0 and m["actor/replay/term"] == pytest.approx(kl, rel=1e-3, abs=1e-7), m
 
 
-def test_dyjr_replay_as_pg_trains_buffer_rows_through_the_clipped_pg_term(assets, tmp_path):
+def test_dyjr_replay_as_pg_trains_buffer_rows_through_the_clipped_pg_term(tiny_assets, tmp_path):
     """dyjr.replay.as_pg=true (the "regularise, don't re-train" ablation): the same FIFO buffer, replayed
     rows through the clipped PG term with the advantage stored at collection, 3 steps."""
-    run = run_main_ppo("dyjr_tiny_cpu", assets, tmp_path, "trainer.total_training_steps=3", "dyjr.replay.as_pg=true")
+    run = run_main_ppo(
+        "dyjr_tiny_cpu", tiny_assets, tmp_path, "trainer.total_training_steps=3", "dyjr.replay.as_pg=true"
+    )
     assert run.returncode == 0, run.tail()
     assert sorted(run.steps) == [1, 2, 3], run.tail()
     for step in (2, 3):
@@ -167,11 +164,11 @@ def test_dyjr_replay_as_pg_trains_buffer_rows_through_the_clipped_pg_term(assets
     assert max(_series(run, "actor/grad_norm")) > 0.0
 
 
-def test_dyjr_topk_estimator_records_top_k_and_trains_on_exact_js(assets, tmp_path):
+def test_dyjr_topk_estimator_records_top_k_and_trains_on_exact_js(tiny_assets, tmp_path):
     """dyjr.js.estimator=topk: the old-log-prob probe stores each trajectory's top-k record, the
     update runs the engine's logits-processor path and the replay term is the exact top-k JS."""
     run = run_main_ppo(
-        "dyjr_tiny_cpu", assets, tmp_path,
+        "dyjr_tiny_cpu", tiny_assets, tmp_path,
         "trainer.total_training_steps=3", "dyjr.js.estimator=topk", "dyjr.js.topk_k=4", "dyjr.buffer.admit=all",
     )
     assert run.returncode == 0, run.tail()
@@ -186,7 +183,7 @@ def test_dyjr_topk_estimator_records_top_k_and_trains_on_exact_js(assets, tmp_pa
     assert_rank_k_logged(run)
 
 
-def test_bad_input_fails_fast_with_one_line(assets, tmp_path):
+def test_bad_input_fails_fast_with_one_line(tiny_assets, tmp_path):
     cases = {
         "actor_rollout_ref.model.path=/nonexistent/model": "actor_rollout_ref.model.path does not exist",
         "dyjr.js.coef=-1": "dyjr.js.coef",
@@ -200,7 +197,7 @@ def test_bad_input_fails_fast_with_one_line(assets, tmp_path):
         proc = subprocess.run(
             [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", str(RECIPES),
              "--config-name", "dyjr_tiny_cpu", *overrides.split()],
-            cwd=tmp_path, env={**__import__("os").environ, "DYJR_ASSETS_DIR": str(assets)},
+            cwd=tmp_path, env={**__import__("os").environ, "DYJR_ASSETS_DIR": str(tiny_assets)},
             capture_output=True, text=True, timeout=120,
         )
         errors = [line for line in proc.stderr.splitlines() if line.startswith("dyjr-verl: error:")]
